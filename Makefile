@@ -1,0 +1,48 @@
+# Two entry points a new user needs: `make serve` and `make test`. Each creates .venv and installs what
+# it needs the first time (the stamp files remember), so both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+HOST ?= 127.0.0.1
+# torch and torchvision are pinned by the `export` extra; pip takes them from this machine's wheel cache.
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
+
+.PHONY: serve test test-all lint train-demo eval-demo clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Slim serving install: no torch, no export toolchain.
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e .
+	touch $@
+
+# Everything the tests use: export toolchain (torch, open_clip, onnx, transformers) and dev tools.
+$(VENV)/.test-installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[export,dev]'
+	touch $@ $(VENV)/.serve-installed
+
+serve: $(VENV)/.serve-installed
+	$(BIN)/clipserve serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.test-installed
+	$(BIN)/python -m pytest
+
+test-all: $(VENV)/.test-installed
+	$(BIN)/python -m pytest -m ''
+
+lint: $(VENV)/.test-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+train-demo: $(VENV)/.test-installed
+	$(BIN)/clipserve train-demo
+
+eval-demo: $(VENV)/.test-installed
+	$(BIN)/clipserve eval-demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,40 @@
+"""The `clipserve` command.
+
+The service owns the CLI; commands from packages the service must not import (the demo trainer in
+`models`, later `export`) are discovered through the `clipserve.commands` entry-point group, each a
+`register(app)` function, and imported only when the CLI starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import entry_points
+
+import typer
+
+app = typer.Typer(help="clipserve: zero-shot image classification with CLIP.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", envvar="CLIPSERVE_HOST", help="Interface to bind."),
+    port: int = typer.Option(8000, envvar="CLIPSERVE_PORT", help="Port to listen on."),
+) -> None:
+    """Start the HTTP service."""
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
+
+
+def _register_plugins() -> None:
+    for entry_point in entry_points(group="clipserve.commands"):
+        try:
+            entry_point.load()(app)
+        except ImportError as error:  # e.g. an extra that is not installed
+            log.debug("clipserve command group %s unavailable: %s", entry_point.name, error)
+
+
+def main() -> None:
+    _register_plugins()
+    app()
