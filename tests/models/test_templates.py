@@ -1,0 +1,64 @@
+import pytest
+
+from models.templates import (
+    IMAGENET_80,
+    PRESETS,
+    SIMPLE_7,
+    TemplateError,
+    apply_templates,
+    resolve_templates,
+    validate_templates,
+)
+
+
+def test_presets_have_the_papers_sizes():
+    assert len(IMAGENET_80) == 80 and len(set(IMAGENET_80)) == 80
+    assert len(SIMPLE_7) == 7
+    assert PRESETS["photo"] == ("a photo of a {}.",)
+    assert PRESETS["bare"] == ("{}",)
+    for templates in PRESETS.values():
+        assert validate_templates(templates) == templates
+
+
+def test_presets_match_open_clip():
+    metadata = pytest.importorskip("open_clip.zero_shot_metadata")
+    assert [t("{}") for t in metadata.OPENAI_IMAGENET_TEMPLATES] == list(IMAGENET_80)
+    assert [t("{}") for t in metadata.SIMPLE_IMAGENET_TEMPLATES] == list(SIMPLE_7)
+
+
+def test_resolve_preset_custom_and_default():
+    assert resolve_templates("simple") == SIMPLE_7
+    assert resolve_templates(None) == IMAGENET_80
+    assert resolve_templates(["a {} here", "{}!"]) == ("a {} here", "{}!")
+
+
+def test_literal_braces_are_allowed_beside_the_slot():
+    assert apply_templates(["{{x}} a {}"], "cat") == ["{x} a cat"]
+
+
+@pytest.mark.parametrize(
+    "templates, message",
+    [
+        (["no slot"], "exactly one"),
+        (["{} and {}"], "exactly one"),
+        (["a {name} {}"], "not a valid format string"),
+        (["{0}"], "exactly one"),
+        ([], "must not be empty"),
+        ("a {}", "list of strings"),
+        ([3], "not a string"),
+        (["{}" + "x" * 400], "longer than"),
+        (["{}"] * 300, "at most"),
+    ],
+)
+def test_invalid_templates_are_refused_with_a_reason(templates, message):
+    with pytest.raises(TemplateError, match=message):
+        validate_templates(templates)
+
+
+def test_unknown_preset_names_the_presets():
+    with pytest.raises(TemplateError, match="imagenet"):
+        resolve_templates("nope")
+
+
+def test_apply_templates_fills_the_label():
+    assert apply_templates(SIMPLE_7, "red circle")[0] == "itap of a red circle."
