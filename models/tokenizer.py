@@ -4,8 +4,8 @@ CLIP's tokenizer (paper §2.4): lower-cased byte-level BPE with a 49,408-token v
 start/end tokens and padded with 0 to the context length; an over-long text is truncated and its last
 position replaced by the end token. The vocabulary comes from open_clip's `bpe_simple_vocab_16e6.txt.gz`,
 turned once into a `tokenizer.json` by `build_tokenizer_json`. Text is cleaned the way open_clip cleans
-it (ftfy, HTML entities unescaped twice, whitespace collapsed, lower-cased) before the Rust BPE runs, so
-the ids are the same as open_clip's.
+it (ftfy, HTML entities unescaped twice, whitespace collapsed, lower-cased) in Python before the Rust BPE
+runs, so the ids are the same as open_clip's; the tokenizer.json therefore expects cleaned text.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import ftfy
 import numpy as np
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
 DEFAULT_CONTEXT_LENGTH = 77
 VOCAB_SIZE = 49_408
@@ -30,6 +30,11 @@ EOT_TOKEN = "<end_of_text>"
 # open_clip's word pattern: contractions, letter runs, single digits, runs of other non-space symbols.
 _WORD_PATTERN = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# open_clip recognises a special token only where its word pattern would start a new word; the Rust
+# added-token matcher finds one anywhere ("!<end_of_text>"). Texts that contain one are split this way first.
+_SPECIAL_AWARE_SPLIT = pre_tokenizers.Split(
+    Regex(f"{SOT_TOKEN}|{EOT_TOKEN}|{_WORD_PATTERN}"), behavior="removed", invert=True
+)
 
 
 @dataclass(frozen=True)
@@ -75,8 +80,9 @@ def find_open_clip_bpe() -> Path:
 
 
 def build_tokenizer_json(bpe_path: Path | None = None) -> str:
-    """Builds CLIP's tokenizer.json (vocabulary, merges, normaliser, pre-tokeniser) from the BPE file."""
-    lines = gzip.open(bpe_path or find_open_clip_bpe()).read().decode("utf-8").split("\n")
+    """Builds CLIP's tokenizer.json (vocabulary, merges, pre-tokeniser, decoder) from the BPE file."""
+    with gzip.open(bpe_path or find_open_clip_bpe()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
@@ -85,18 +91,19 @@ def build_tokenizer_json(bpe_path: Path | None = None) -> str:
     vocab = {token: i for i, token in enumerate(vocab_list)}
 
     bpe = models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False)
+    # No normaliser: `clean_text` (Python, like open_clip) does ftfy, NFC, whitespace and lower case. A Rust
+    # Lowercase would disagree with Python's on letters newer than the interpreter's Unicode tables.
     tokenizer = Tokenizer(bpe)
-    tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(), normalizers.Lowercase()]
-    )
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tokenizer.decoder = decoders.Sequence([decoders.BPEDecoder(suffix="</w>"), decoders.ByteLevel()])
-    tokenizer.add_special_tokens([AddedToken(SOT_TOKEN, normalized=True), AddedToken(EOT_TOKEN, normalized=True)])
+    # The end-of-word marker becomes the byte-level alphabet's space (U+0120) *before* bytes are decoded,
+    # so multi-byte characters split over tokens decode whole.
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("</w>", "\u0120"), decoders.ByteLevel()])
+    tokenizer.add_special_tokens([AddedToken(SOT_TOKEN), AddedToken(EOT_TOKEN)])
     return tokenizer.to_str(pretty=False)
 
 
@@ -121,23 +128,33 @@ class ClipTokenizer:
     def context_length(self) -> int:
         return self.spec.context_length
 
+    def _encode_clean(self, texts: list[str]) -> list[list[int]]:
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=False)
+        ids = [encoding.ids for encoding in encodings]
+        for row, text in enumerate(texts):
+            if SOT_TOKEN in text or EOT_TOKEN in text:  # rare: replay open_clip's scanner word by word
+                words = [word for word, _ in _SPECIAL_AWARE_SPLIT.pre_tokenize_str(text)]
+                ids[row] = [i for word in words for i in self._tokenizer.encode(word, add_special_tokens=False).ids]
+        return ids
+
     def encode(self, text: str) -> list[int]:
         """BPE ids of one text, without start/end tokens or padding."""
-        return self._tokenizer.encode(clean_text(text), add_special_tokens=False).ids
+        return self._encode_clean([clean_text(text)])[0]
 
     def __call__(self, texts: str | Sequence[str], context_length: int | None = None) -> np.ndarray:
         if isinstance(texts, str):
             texts = [texts]
         length = context_length or self.spec.context_length
-        encodings = self._tokenizer.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
+        if length < 2:
+            raise ValueError("context_length must leave room for the start and end tokens (>= 2)")
         ids = np.full((len(texts), length), self.spec.pad_token_id, dtype=np.int64)
-        for row, encoding in enumerate(encodings):
-            tokens = [self.spec.sot_token_id, *encoding.ids[: length - 2], self.spec.eot_token_id]
+        for row, encoded in enumerate(self._encode_clean([clean_text(t) for t in texts])):
+            tokens = [self.spec.sot_token_id, *encoded[: length - 2], self.spec.eot_token_id]
             ids[row, : len(tokens)] = tokens
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return self._tokenizer.decode(list(ids), skip_special_tokens=True).removesuffix(" ")
 
 
 @lru_cache(maxsize=1)
