@@ -9,6 +9,7 @@ the EXIF orientation first, which the reference leaves to the caller.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -40,14 +41,17 @@ class PreprocessConfig:
     apply_exif_orientation: bool = field(default=True)
 
     def __post_init__(self) -> None:
-        if self.image_size <= 0:
-            raise ValueError("image_size must be positive")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise ValueError(f"image_size must be a positive int, got {self.image_size!r}")
         if self.interpolation not in _PIL_FILTERS:
             raise ValueError(f"unsupported interpolation {self.interpolation!r}")
         if self.resize_mode not in ("shortest", "squash"):
             raise ValueError(f"unsupported resize_mode {self.resize_mode!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or any(s <= 0 for s in self.std):
-            raise ValueError("mean and std need three values, std positive")
+        values = (*self.mean, *self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in values):
+            raise ValueError("mean and std need three finite values each")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,10 +89,7 @@ def resize_and_crop(image: Image.Image, config: PreprocessConfig) -> Image.Image
     else:
         width, height = image.size
         image = image.resize(_resized_size(width, height, size), resample)
-        width, height = image.size
-        if width < size or height < size:  # only for degenerate 1-pixel-wide inputs
-            image = ImageOps.pad(image, (max(width, size), max(height, size)), color=0)
-            width, height = image.size
+        width, height = image.size  # never smaller than `size`: the long side is scaled up, then truncated
         image = image.crop(_centre_crop_box(width, height, size))
     return image.convert("RGB")
 
