@@ -3,8 +3,17 @@
 import subprocess
 import sys
 
-SERVING_MODULES = ["service", "service.app", "service.cli", "models.tokenizer", "models.preprocess",
-                   "models.templates", "models.demo.shapes", "models.demo.dataset", "models.demo.evaluate"]
+SERVING_MODULES = [
+    "service",
+    "service.app",
+    "service.cli",
+    "models.tokenizer",
+    "models.preprocess",
+    "models.templates",
+    "models.demo.shapes",
+    "models.demo.dataset",
+    "models.demo.evaluate",
+]
 HEAVY = ["torch", "torchvision", "open_clip", "transformers", "onnx"]
 
 
