@@ -83,7 +83,8 @@ def build_tokenizer_json(bpe_path: Path | None = None) -> str:
     """Builds CLIP's tokenizer.json (vocabulary, merges, pre-tokeniser, decoder) from the BPE file."""
     with gzip.open(bpe_path or find_open_clip_bpe()) as handle:
         lines = handle.read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    # Line 0 is a version header; open_clip keeps the next 48,894 merges (49,152 - 256 bytes - 2 specials).
+    merges = [(first, second) for first, second in (line.split() for line in lines[1 : 49152 - 256 - 2 + 1])]
     alphabet = list(_bytes_to_unicode().values())
     vocab_list = alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [SOT_TOKEN, EOT_TOKEN]
     if len(vocab_list) != VOCAB_SIZE:
