@@ -493,6 +493,12 @@ def test_truncation_ends_with_end_token(clip_tokenizer):
         assert ids[1:-1].tolist() == clip_tokenizer.encode(text)[: length - 2]
 
 
+def test_context_length_must_fit_start_and_end(clip_tokenizer):
+    assert clip_tokenizer(["a red circle"], context_length=2).tolist() == [[SOT_ID, EOT_ID]]
+    with pytest.raises(ValueError, match="context_length"):
+        clip_tokenizer(["a red circle"], context_length=1)
+
+
 def test_decode_round_trips_ascii(clip_tokenizer):
     text = "A Photo of a Golden Retriever playing in the Snow"
     assert clip_tokenizer.decode(clip_tokenizer.encode(text)) == text.lower()
