@@ -52,6 +52,14 @@ def test_augment_keeps_shape_and_content():
     assert not np.array_equal(out, pixels)
 
 
+def test_training_is_reproducible_from_its_seed(tmp_path):
+    recipe = Recipe(steps=2, batch_size=8, pool_size=16, warmup_steps=1, workers=1)
+    train(recipe, tmp_path / "a")
+    train(recipe, tmp_path / "b")
+    first, second = checkpoint.load(tmp_path / "a").state_dict(), checkpoint.load(tmp_path / "b").state_dict()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
 def test_a_short_training_run_saves_a_loadable_model(tmp_path):
     card = train(Recipe(steps=3, batch_size=16, pool_size=48, warmup_steps=1, workers=1), tmp_path)
     assert card["training"]["history"][-1]["step"] == 2
