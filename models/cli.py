@@ -39,22 +39,14 @@ def eval_demo(
     import torch
 
     from models.demo import evaluate
-    from models.demo.checkpoint import load, read_card
-    from models.tokenizer import ClipTokenizer, TokenizerSpec, open_clip_tokenizer_json
+    from models.demo.checkpoint import read_card
+    from models.tokenizer import ClipTokenizer, open_clip_tokenizer_json
+    from models.zoo import load_demo
 
     torch.set_num_threads(2)
-    model = load(artifacts)
+    model = load_demo(artifacts)
     card = read_card(artifacts)
-    spec = TokenizerSpec(context_length=card["context_length"])
-    tokenizer = ClipTokenizer.from_json(open_clip_tokenizer_json(), spec)
-
-    @torch.inference_mode()
-    def encode_images(pixels):
-        return model.encode_image(torch.from_numpy(pixels), normalize=True).numpy()
-
-    @torch.inference_mode()
-    def encode_texts(texts):
-        return model.encode_text(torch.from_numpy(tokenizer(texts)), normalize=True).numpy()
+    encode_images, encode_texts = model.numpy_encoders(ClipTokenizer.from_json(open_clip_tokenizer_json()))
 
     started = time.perf_counter()
     results = evaluate.evaluate(encode_images, encode_texts, images_per_task, progress=typer.echo)

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from models.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
-from models.tokenizer import VOCAB_SIZE, TokenizerSpec
+from models.tokenizer import VOCAB_SIZE, ClipTokenizer, TokenizerSpec
 
 Activation = Literal["softmax", "sigmoid"]
 
@@ -105,6 +107,19 @@ class LoadedModel:
     def probabilities(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         logits = self.logits(image_embeddings, text_embeddings)
         return logits.softmax(dim=-1) if self.activation == "softmax" else logits.sigmoid()
+
+    def numpy_encoders(self, tokenizer: ClipTokenizer) -> tuple[Callable, Callable]:
+        """(pixels [B,3,H,W] -> [B,D], texts -> [B,D]) as numpy functions, for torch-free callers."""
+
+        @torch.inference_mode()
+        def encode_images(pixels: np.ndarray) -> np.ndarray:
+            return self.image_tower(torch.from_numpy(pixels)).numpy()
+
+        @torch.inference_mode()
+        def encode_texts(texts: list[str]) -> np.ndarray:
+            return self.text_tower(torch.from_numpy(tokenizer(texts, self.tokenizer.context_length))).numpy()
+
+        return encode_images, encode_texts
 
     def describe(self) -> dict[str, Any]:
         """Everything except the towers, JSON-serialisable (for manifests and logs)."""

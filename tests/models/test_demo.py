@@ -23,17 +23,7 @@ def demo():
 
 @pytest.fixture(scope="module")
 def encoders(demo):
-    tokenizer = ClipTokenizer.from_json(open_clip_tokenizer_json(), demo.tokenizer)
-
-    @torch.inference_mode()
-    def encode_images(pixels):
-        return demo.image_tower(torch.from_numpy(pixels)).numpy()
-
-    @torch.inference_mode()
-    def encode_texts(texts):
-        return demo.text_tower(torch.from_numpy(tokenizer(texts))).numpy()
-
-    return encode_images, encode_texts
+    return demo.numpy_encoders(ClipTokenizer.from_json(open_clip_tokenizer_json()))
 
 
 def test_artifacts_are_committed_small_and_fp16():
