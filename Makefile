@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 # torch and torchvision are pinned by the `export` extra; pip takes them from this machine's wheel cache.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test test-all lint train-demo eval-demo clean
+.PHONY: serve test test-all lint train-demo eval-demo export-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ train-demo: $(VENV)/.test-installed
 
 eval-demo: $(VENV)/.test-installed
 	$(BIN)/clipserve eval-demo
+
+# The demo model's committed ONNX repository (models/demo/config.py: EXPORT_FORMATS); tests fail if it drifts.
+export-demo: $(VENV)/.test-installed
+	$(BIN)/clipserve export --demo --formats onnx,onnx-int8 --repository models/demo/repository
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

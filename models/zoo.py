@@ -18,7 +18,6 @@ modules; open_clip and transformers are imported inside the loaders that need th
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.manifest import sha256_file
 from models.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
 from models.tokenizer import VOCAB_SIZE, ClipTokenizer, TokenizerSpec
 
@@ -171,14 +171,6 @@ def _probe_embed_dim(text_tower: TextTower, spec: TokenizerSpec) -> int:
         return int(text_tower(ids).shape[-1])
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _require_clip_bpe(spec: TokenizerSpec, what: str) -> TokenizerSpec:
     same = (spec.sot_token_id, spec.eot_token_id, spec.vocab_size) == (
         CLIP_BPE.sot_token_id,
@@ -265,6 +257,17 @@ def _from_open_clip(model: nn.Module, name: str, source: dict[str, Any], **overr
     preprocess = overrides.get("preprocess") or _open_clip_preprocess(model, name)
     tokenizer = _open_clip_tokenizer(model, name, overrides.get("context_length"))
     return _assemble(name, model, ("encode_image", "encode_text"), preprocess, tokenizer, source)
+
+
+def register_open_clip_config(path: str | Path) -> str:
+    """Makes a custom open_clip model config (JSON file, named by its stem) loadable by architecture name."""
+    import open_clip
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"open_clip model config {path} does not exist")
+    open_clip.add_model_config(path)
+    return path.stem
 
 
 def load_open_clip(architecture: str, pretrained: str | None = None, *, cache_dir: str | None = None) -> LoadedModel:

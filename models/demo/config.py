@@ -7,6 +7,11 @@ from pathlib import Path
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
 WEIGHTS_FILE = "weights.safetensors"  # fp16 state dict
 CARD_FILE = "model.json"  # config, preprocessing, recipe and training record
+# The exported demo model, committed so that the slim install serves it with no torch and no export step.
+# fp16 graphs are left out: they only pay off on GPUs and would take the demo past its 40 MB budget.
+REPOSITORY_DIR = Path(__file__).parent / "repository"
+EXPORT_NAME = "clipserve-demo"
+EXPORT_FORMATS = ("onnx", "onnx-int8")
 
 IMAGE_SIZE = 64
 CONTEXT_LENGTH = 32  # captions and the 80 ImageNet templates all fit in 32 tokens
