@@ -62,6 +62,7 @@ def export_command(
     trt_max_batch: int = typer.Option(64, help="Largest batch a TensorRT engine accepts."),
     trt_precision: str = typer.Option("fp16", help="TensorRT engine precision: fp16, bf16 or fp32."),
     timing_cache: Path | None = typer.Option(None, help="TensorRT timing cache file (read and updated)."),
+    report: Path | None = typer.Option(None, help="Also write the parity report as Markdown here."),
 ) -> None:
     """Export a CLIP model to ONNX (fp32, fp16, int8) and TensorRT, gated on parity with PyTorch."""
     from export import pipeline
@@ -105,6 +106,12 @@ def export_command(
         _echo(str(error))
         raise typer.Exit(1) from error
     _echo(f"wrote {result.directory} in {result.seconds:.1f} s")
+    from export.report import parity_markdown
+
+    table = parity_markdown(result.manifest)
+    typer.echo(table, err=True)
+    if report is not None:
+        report.write_text(table)
     if triton is not None:
         from export.triton import write_for_manifest
 

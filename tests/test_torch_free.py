@@ -10,6 +10,8 @@ SERVING_MODULES = [
     "models.tokenizer",
     "models.preprocess",
     "models.templates",
+    "models.manifest",
+    "models.demo.config",
     "models.demo.shapes",
     "models.demo.dataset",
     "models.demo.evaluate",

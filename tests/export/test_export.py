@@ -173,9 +173,7 @@ def custom_configs(tmp_path, monkeypatch):
 
 def test_tiny_custom_open_clip_config_via_cli(app, custom_configs, tmp_path):
     config = custom_configs["export-test-tiny-vit"]
-    result = _invoke(
-        app, "--model", config.stem, "--model-config", str(config), "--repository", str(tmp_path / "repo")
-    )
+    result = _invoke(app, "--model", config.stem, "--model-config", str(config), "--repository", str(tmp_path / "repo"))
     assert result.exit_code == 0, result.output
     manifest = load_manifest(tmp_path / "repo" / "export-test-tiny-vit")
     _assert_gate_passed(manifest)
@@ -243,34 +241,31 @@ class _WrongNormalisation(torch.nn.Module):
         return self.tower(pixels * 0.5 + 0.25)
 
 
-def test_a_broken_export_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
-    loaded = zoo.load_demo()
+@pytest.fixture
+def wrong_image_normalisation(monkeypatch):
+    """Every export from here on wraps the image tower in _WrongNormalisation."""
     real_export = graphs.export_tower
 
     def broken_export(tower, example, path, spec):
         return real_export(_WrongNormalisation(tower) if spec.role == "image" else tower, example, path, spec)
 
     monkeypatch.setattr(graphs, "export_tower", broken_export)
+
+
+def test_a_broken_export_is_refused_and_nothing_is_written(tmp_path, wrong_image_normalisation):
     with pytest.raises(parity.ParityError) as caught:
-        pipeline.export_model(loaded, "broken", tmp_path, formats=["onnx"])
+        pipeline.export_model(zoo.load_demo(), "broken", tmp_path, formats=["onnx"])
     message = str(caught.value)
     assert "image.onnx (fp32)" in message and "short by" in message and "text.onnx" not in message
     assert [f.artifact for f in caught.value.failures] == ["image.onnx"]
     assert list(tmp_path.iterdir()) == []  # no model directory, no staging leftovers
 
 
-def test_a_failed_re_export_keeps_the_previous_model(tmp_path, monkeypatch):
+def test_a_failed_re_export_keeps_the_previous_model(tmp_path, request):
     loaded = zoo.load_demo()
     first = pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"])
     before = {p.name: p.read_bytes() for p in first.directory.iterdir()}
-    real_export = graphs.export_tower
-    monkeypatch.setattr(
-        graphs,
-        "export_tower",
-        lambda tower, example, path, spec: real_export(_WrongNormalisation(tower), example, path, spec)
-        if spec.role == "image"
-        else real_export(tower, example, path, spec),
-    )
+    request.getfixturevalue("wrong_image_normalisation")
     with pytest.raises(parity.ParityError):
         pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"])
     assert {p.name: p.read_bytes() for p in first.directory.iterdir()} == before
@@ -348,3 +343,29 @@ def test_random_init_vit_b_32_passes_the_gate(tmp_path):
     result = pipeline.export_model(loaded, "vit-b-32", tmp_path, formats=list(ALL_ONNX))
     _assert_gate_passed(load_manifest(result.directory))
     shutil.rmtree(tmp_path)
+
+
+def test_graphs_over_the_size_limit_use_external_data(app, custom_configs, tmp_path, monkeypatch):
+    """Past protobuf's 2 GB limit weights go to a side file; the threshold is lowered so a tiny model shows it."""
+    from models.manifest import ArtifactIntegrityError
+
+    monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 1)
+    config = custom_configs["export-test-tiny-vit"]
+    result = _invoke(
+        app, "--model", config.stem, "--model-config", str(config), "--formats", "onnx", "--repository", str(tmp_path)
+    )
+    assert result.exit_code == 0, result.output
+    directory = tmp_path / "export-test-tiny-vit"
+    manifest = load_manifest(directory)
+    _assert_gate_passed(manifest, precisions=("fp32",))
+    for role in ("image", "text"):
+        artifact = manifest.find("onnx", role, "fp32")
+        assert artifact.extra_files, "weights should live beside the graph"
+        for relative in artifact.extra_files:
+            assert (directory / relative).stat().st_size > 10_000
+    side_file = directory / next(iter(manifest.find("onnx", "text", "fp32").extra_files))
+    data = bytearray(side_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    side_file.write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError):
+        load_manifest(directory)
