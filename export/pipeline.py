@@ -327,7 +327,13 @@ def _build_tensorrt(
         max_batch=build.max_batch,
     )
     plans = [
-        _artifact(staging, engine.plan_path.relative_to(staging).as_posix(), engine.role, "tensorrt", build.precision)
+        _artifact(
+            staging,
+            engine.plan_path.relative_to(staging.resolve()).as_posix(),
+            engine.role,
+            "tensorrt",
+            build.precision,
+        )
         for engine in build.engines
     ]
     return record, plans

@@ -25,7 +25,7 @@ from export import graphs, parity, pipeline  # noqa: E402
 from export.probes import PROBE_COUNT  # noqa: E402
 from models import zoo  # noqa: E402
 from models.demo.config import EXPORT_FORMATS, EXPORT_NAME, REPOSITORY_DIR  # noqa: E402
-from models.manifest import load_manifest  # noqa: E402
+from models.manifest import ArtifactIntegrityError, load_manifest  # noqa: E402
 from service import cli  # noqa: E402
 
 ALL_ONNX = ("onnx", "onnx-fp16", "onnx-int8")
@@ -347,8 +347,6 @@ def test_random_init_vit_b_32_passes_the_gate(tmp_path):
 
 def test_graphs_over_the_size_limit_use_external_data(app, custom_configs, tmp_path, monkeypatch):
     """Past protobuf's 2 GB limit weights go to a side file; the threshold is lowered so a tiny model shows it."""
-    from models.manifest import ArtifactIntegrityError
-
     monkeypatch.setattr(graphs, "EXTERNAL_DATA_BYTES", 1)
     config = custom_configs["export-test-tiny-vit"]
     result = _invoke(
@@ -369,3 +367,36 @@ def test_graphs_over_the_size_limit_use_external_data(app, custom_configs, tmp_p
     side_file.write_bytes(bytes(data))
     with pytest.raises(ArtifactIntegrityError):
         load_manifest(directory)
+
+
+def test_tensorrt_engines_are_recorded_in_the_manifest_with_a_faked_tensorrt(tmp_path, monkeypatch):
+    """faked: TensorRT cannot be installed on this machine, so the pipeline runs against the fake TensorRT module
+    of test_tensorrt_build.py and a made-up H200; what is real is everything around it (ONNX export, the gate,
+    plan checksums, the manifest's per-GPU record)."""
+    from export import tensorrt_build
+    from tests.export.test_tensorrt_build import FakeTensorRT
+
+    fake = FakeTensorRT(version="10.7.0")
+    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: fake)
+    monkeypatch.setattr(tensorrt_build, "current_gpu", lambda device=0: tensorrt_build.GpuInfo("NVIDIA H200", "9.0"))
+    options = pipeline.TensorRTOptions(precision="fp16", opt_batch=16, max_batch=48)
+    result = pipeline.export_model(zoo.load_demo(), "demo", tmp_path, formats=["onnx", "tensorrt"], tensorrt=options)
+    manifest = load_manifest(result.directory)
+    (build,) = manifest.tensorrt
+    assert build.directory == "tensorrt/sm90-trt10.7.0" and build.gpu_name == "NVIDIA H200"
+    assert (build.compute_capability, build.tensorrt_version, build.precision) == ("9.0", "10.7.0", "fp16")
+    assert (build.min_batch, build.opt_batch, build.max_batch) == (1, 16, 48)
+    assert build.runs_on("9.0", "10.7.0") and not build.runs_on("8.9", "10.7.0")
+    plans = {a.role: a for a in manifest.artifacts if a.format == "tensorrt"}
+    assert {role: a.path for role, a in plans.items()} == {
+        "image": "tensorrt/sm90-trt10.7.0/image.plan",
+        "text": "tensorrt/sm90-trt10.7.0/text.plan",
+    }
+    assert fake.profile_shapes == [
+        ("pixels", (1, 3, 64, 64), (16, 3, 64, 64), (48, 3, 64, 64)),
+        ("token_ids", (1, 32), (16, 32), (48, 32)),
+    ]
+    plan = result.directory / plans["image"].path
+    plan.write_bytes(plan.read_bytes() + b"!")
+    with pytest.raises(ArtifactIntegrityError):
+        load_manifest(result.directory)
