@@ -1,0 +1,110 @@
+"""The one error shape, `{"error": {"code", "message", "param"}}`, and the one place exceptions become HTTP.
+
+Domain code raises a `ServiceError` subclass (its status and code are class attributes); `install` maps
+those, request-validation errors, unknown routes and anything unexpected to that shape. An unexpected
+exception is logged with its traceback and answered with a generic 500: no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("clipserve.errors")
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message, self.param, self.headers = message, param, headers
+
+
+class InvalidRequest(ServiceError):
+    status, code = 400, "invalid_request"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidInput(ServiceError):
+    """Well-formed request whose content cannot be served (undecodable image, empty label, bad template)."""
+
+    status, code = 422, "invalid_input"
+
+
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, param: str | None = None) -> None:
+        super().__init__(message, param=param, headers={"Retry-After": str(retry_after_s)})
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class DeadlineExceeded(ServiceError):
+    status, code = 504, "deadline_exceeded"
+
+
+def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "param": param}}
+
+
+def error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error_body(error.code, error.message, error.param), error.status, headers=error.headers)
+
+
+def _validation_param(location: tuple[Any, ...]) -> str | None:
+    # ("body", "labels", 3) -> "labels[3]"; the leading "body"/"query" says where, not what.
+    parts = [str(p) for p in location[1:]] if location and location[0] in ("body", "query", "path") else []
+    param = ""
+    for part in parts:
+        param += f"[{part}]" if part.isdigit() else (f".{part}" if param else part)
+    return param or None
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, error: ServiceError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {"msg": "invalid request", "loc": ()}
+        param = _validation_param(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("invalid_request", f"body is not valid JSON: {message}"), 400)
+        return JSONResponse(error_body("invalid_input", f"{param or 'request'}: {message}", param), 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        return JSONResponse(error_body(code, str(error.detail)), error.status_code, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal_error", "internal error; see the server log"), 500)

@@ -1,0 +1,81 @@
+"""Turning uploaded bytes into model input, with every way that can fail mapped to a client error.
+
+Runs in worker threads (never on the event loop): Pillow's decode and the resize are the CPU-heavy part of
+a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from models.preprocess import ImageTransform
+from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
+
+# What Pillow decodes reliably and clients actually send; everything else (EPS, PSD, ...) is refused as 415.
+ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+
+def decode_base64(text: str, param: str) -> bytes:
+    """Plain base64 or a data: URL (`data:image/png;base64,...`)."""
+    match = _DATA_URL.match(text)
+    if match:
+        mime = (match.group("mime") or "").lower()
+        if mime and not mime.startswith("image/"):
+            raise UnsupportedMediaType(f"{param}: data URL of type {mime} is not an image", param=param)
+        if not match.group("b64"):
+            raise InvalidInput(f"{param}: data URL must be base64-encoded", param=param)
+        text = text[match.end() :]
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise InvalidInput(f"{param}: not valid base64 ({error})", param=param) from error
+
+
+def is_image_data_url(text: str) -> bool:
+    return text[:11].lower() == "data:image/"
+
+
+def decode_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
+    if not data:
+        raise InvalidInput(f"{param}: empty image", param=param)
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its limit and twice it; we apply our own limit below instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in ALLOWED_FORMATS:
+                supported = ", ".join(sorted(ALLOWED_FORMATS))
+                raise UnsupportedMediaType(
+                    f"{param}: {image.format} images are not supported; send one of {supported}", param=param
+                )
+            width, height = image.size
+            if width * height > max_pixels:
+                raise PayloadTooLarge(
+                    f"{param}: {width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}", param=param
+                )
+            image.load()
+    except UnidentifiedImageError as error:
+        raise InvalidInput(f"{param}: cannot decode the image (not a supported image file)", param=param) from error
+    except Image.DecompressionBombError as error:
+        raise PayloadTooLarge(f"{param}: image is too large to decode safely", param=param) from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        # Truncated or corrupt files surface from Pillow's decoders as any of these.
+        raise InvalidInput(f"{param}: cannot decode the image ({error})", param=param) from error
+    return image
+
+
+def preprocess(data: bytes, transform: ImageTransform, *, max_pixels: int, param: str) -> np.ndarray:
+    """Bytes -> float32 [3, S, S] for the image engine."""
+    image = decode_image(data, max_pixels=max_pixels, param=param)
+    try:
+        return transform(image)
+    except (OSError, ValueError) as error:  # e.g. a frame that fails to decode only when resized
+        raise InvalidInput(f"{param}: cannot decode the image ({error})", param=param) from error

@@ -1,0 +1,200 @@
+"""The request pipeline behind the routes: validate, decode, batch, look up label vectors, score.
+
+Images are decoded and preprocessed in a thread pool, then queued on the image batcher; label vectors come
+from the label cache, whose misses are tokenized in the pool and queued on the (separate, smaller) text
+batcher. Both halves of a /classify run concurrently; the similarity step joins them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from models.templates import TemplateError, resolve_templates
+from service import images
+from service.batcher import DynamicBatcher
+from service.engines.factory import EnginePair
+from service.errors import InvalidInput, ServiceError
+from service.label_cache import LabelCache
+from service.metrics import Metrics
+from service.model import ServedModel
+from service.settings import Settings
+from service.similarity import cosines, ranked
+
+CACHE_KEY_VERSION = "v1"  # bump when the vector recipe changes, so old Redis entries are never read
+
+
+@dataclass(frozen=True)
+class Classification:
+    labels: list[str]
+    probabilities: np.ndarray  # [N, C]
+    cosines: np.ndarray  # [N, C]
+    order: np.ndarray  # [N, K] label indices, most probable first
+    images_ms: float
+    labels_ms: float
+    similarity_ms: float
+
+
+def _first_service_error(group: BaseExceptionGroup) -> BaseException:
+    """The error a client should see: a ServiceError (bad input, overload) before anything else."""
+    leaves = list(_leaves(group))
+    return next((e for e in leaves if isinstance(e, ServiceError)), leaves[0])
+
+
+def _leaves(error: BaseException):  # type: ignore[no-untyped-def]
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield error
+
+
+def _elapsed_ms(start: float) -> float:
+    return (time.perf_counter() - start) * 1000
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, model: ServedModel, engines: EnginePair, metrics: Metrics) -> None:
+        self.settings, self.model, self.engines, self.metrics = settings, model, engines, metrics
+        self.decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="clipserve-decode")
+        image_limit = engines.image.max_batch_size or settings.max_batch_size
+        text_limit = engines.text.max_batch_size or settings.text_max_batch_size
+        self.image_batcher = DynamicBatcher(
+            "image",
+            engines.image,
+            max_batch_size=min(settings.max_batch_size, image_limit),
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            metrics=metrics,
+        )
+        self.text_batcher = DynamicBatcher(
+            "text",
+            engines.text,
+            max_batch_size=min(settings.text_max_batch_size, text_limit),
+            max_wait_ms=settings.text_max_wait_ms,
+            max_queue=settings.text_max_queue,
+            metrics=metrics,
+        )
+        self.label_cache = LabelCache(
+            # The content hash changes with any artifact, scoring or input change; the precision picks the
+            # graphs; so vectors of one model and precision are never read by another.
+            namespace=f"clipserve:{CACHE_KEY_VERSION}:{model.content_hash[:16]}:{settings.precision}",
+            dim=model.manifest.embed_dim,
+            encode=self.encode_prompts,
+            metrics=metrics,
+            memory_bytes=int(settings.cache_memory_mb * 1024 * 1024),
+            redis_url=settings.redis_url,
+            redis_timeout_s=settings.redis_timeout_ms / 1000,
+            ttl_s=settings.cache_ttl_s,
+        )
+
+    async def start(self) -> None:
+        await self.image_batcher.start()
+        await self.text_batcher.start()
+        await self.label_cache.connect()
+
+    async def stop(self) -> None:
+        await self.image_batcher.stop()
+        await self.text_batcher.stop()
+        await self.label_cache.close()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def deadline(self) -> float:
+        return time.monotonic() + self.settings.request_timeout_s
+
+    # --- validation ---------------------------------------------------------------------------------------------
+
+    def check_labels(self, labels: Sequence[str], param: str = "labels") -> list[str]:
+        if not labels:
+            raise InvalidInput("give at least one label", param=param)
+        if len(labels) > self.settings.max_labels:
+            raise InvalidInput(f"{len(labels)} labels; the limit is {self.settings.max_labels}", param=param)
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or not label.strip():
+                raise InvalidInput(f"{param}[{i}] is empty", param=f"{param}[{i}]")
+            if len(label) > self.settings.max_label_chars:
+                raise InvalidInput(
+                    f"{param}[{i}] has {len(label)} characters; the limit is {self.settings.max_label_chars}",
+                    param=f"{param}[{i}]",
+                )
+        return list(labels)
+
+    def resolve_templates(self, templates: str | Sequence[str] | None) -> tuple[str, ...]:
+        try:
+            return resolve_templates(templates if templates is not None else self.settings.default_templates)
+        except TemplateError as error:
+            raise InvalidInput(str(error), param="templates") from error
+
+    def check_image_count(self, count: int, param: str = "images") -> None:
+        if count > self.settings.max_images:
+            raise InvalidInput(f"{count} images; the limit is {self.settings.max_images}", param=param)
+
+    # --- encoders -----------------------------------------------------------------------------------------------
+
+    def _preprocess_one(self, data: bytes, param: str) -> np.ndarray:
+        start = time.perf_counter()
+        pixels = images.preprocess(data, self.model.transform, max_pixels=self.settings.max_image_pixels, param=param)
+        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
+        return pixels
+
+    async def embed_images(self, blobs: Sequence[bytes], params: Sequence[str], deadline: float) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(self.decode_pool, self._preprocess_one, b, p)
+            for b, p in zip(blobs, params, strict=True)
+        ]
+        pixels = await asyncio.gather(*jobs)
+        return await self.image_batcher.submit(np.stack(pixels), deadline=deadline)
+
+    async def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        """Prompts -> normalised text embeddings, through the text batcher (the label cache's encoder)."""
+        loop = asyncio.get_running_loop()
+        ids = await loop.run_in_executor(self.decode_pool, partial(self.model.tokenizer, prompts))
+        return await self.text_batcher.submit(ids, deadline=self.deadline())
+
+    async def label_matrix(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        return await self.label_cache.label_matrix(labels, templates)
+
+    # --- requests -----------------------------------------------------------------------------------------------
+
+    async def classify(
+        self,
+        blobs: Sequence[bytes],
+        params: Sequence[str],
+        labels: Sequence[str],
+        templates: str | Sequence[str] | None,
+        top_k: int | None,
+    ) -> Classification:
+        labels = self.check_labels(labels)
+        resolved = self.resolve_templates(templates)
+        self.check_image_count(len(blobs))
+        deadline = self.deadline()
+
+        async def timed_images() -> tuple[np.ndarray, float]:
+            start = time.perf_counter()
+            return await self.embed_images(blobs, params, deadline), _elapsed_ms(start)
+
+        async def timed_labels() -> tuple[np.ndarray, float]:
+            start = time.perf_counter()
+            return await self.label_matrix(labels, resolved), _elapsed_ms(start)
+
+        # TaskGroup: if one half fails (bad image), the other is cancelled rather than left running.
+        try:
+            async with asyncio.TaskGroup() as group:
+                image_task = group.create_task(timed_images())
+                label_task = group.create_task(timed_labels())
+        except ExceptionGroup as failed:
+            raise _first_service_error(failed) from None
+        (image_embeddings, images_ms), (label_matrix, labels_ms) = image_task.result(), label_task.result()
+        start = time.perf_counter()
+        scores = cosines(image_embeddings, label_matrix)
+        probabilities = self.model.scoring.probabilities(scores)
+        order = ranked(probabilities, top_k)
+        return Classification(labels, probabilities, scores, order, images_ms, labels_ms, _elapsed_ms(start))

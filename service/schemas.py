@@ -1,0 +1,130 @@
+"""Every request and response body of the API, in one module (what /docs shows)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Templates = str | list[str] | None
+EncodingFormat = Literal["float", "base64"]
+
+_TEMPLATES_HELP = (
+    'Prompt templates: a preset name ("imagenet" = the paper\'s 80, "simple", "photo", "bare") or a list of '
+    'strings that each contain "{}" where the label goes. Default: the server\'s CLIPSERVE_DEFAULT_TEMPLATES.'
+)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClassifyRequest(_Body):
+    images: list[str] = Field(
+        ..., min_length=1, description="Images as base64 (plain or a data: URL); JPEG, PNG, WebP, GIF, BMP, TIFF."
+    )
+    labels: list[str] = Field(..., min_length=1, description="The candidate labels, any text.")
+    templates: Templates = Field(None, description=_TEMPLATES_HELP)
+    top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
+
+
+class LabelScore(BaseModel):
+    label: str = Field(..., description="The label as sent.")
+    probability: float = Field(
+        ...,
+        description="softmax over the request's labels of logit_scale x cosine (sigmoid with the model's bias "
+        "for sigmoid models, where probabilities do not sum to 1).",
+    )
+    score: float = Field(..., description="Raw cosine similarity between the image and the label vector.")
+
+
+class ImageResult(BaseModel):
+    labels: list[LabelScore] = Field(..., description="Labels sorted by probability, highest first.")
+
+
+class Timing(BaseModel):
+    total_ms: float = Field(..., description="Server time for the whole request.")
+    images_ms: float = Field(..., description="Decode, preprocess, queue and image engine.")
+    labels_ms: float = Field(..., description="Label vectors: cache lookups and text engine for misses.")
+    similarity_ms: float = Field(..., description="Cosine, scaling and ranking.")
+
+
+class ClassifyResponse(BaseModel):
+    model: str = Field(..., description="Name of the served model.")
+    results: list[ImageResult] = Field(..., description="One entry per image, in request order.")
+    timing: Timing
+
+
+class EmbedRequest(_Body):
+    images: list[str] | None = Field(None, description="Images as base64 (plain or data: URL).")
+    texts: list[str] | None = Field(None, description="Texts to embed.")
+    templates: Templates = Field(
+        None,
+        description="If given, each text is treated as a label and embedded as the renormalised mean over these "
+        "templates (the vector /classify uses). Without it, texts are embedded as they are.",
+    )
+    encoding_format: EncodingFormat = Field("float", description="float lists, or base64 of little-endian float32.")
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int = Field(..., description="Embedding dimension.")
+    images: list[list[float] | str] | None = Field(None, description="L2-normalised image embeddings.")
+    texts: list[list[float] | str] | None = Field(None, description="L2-normalised text embeddings.")
+
+
+class OpenAIEmbeddingsRequest(BaseModel):
+    """The OpenAI embeddings API: texts, and images as data: URLs."""
+
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, ...)
+    input: str | list[str] = Field(..., description="Text(s); an item that is a data:image/... URL is an image.")
+    model: str | None = Field(None, description="Must be the served model's name when given.")
+    encoding_format: EncodingFormat = "float"
+    dimensions: int | None = Field(None, ge=1, description="Must equal the model's dimension when given.")
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "clipserve"
+    embed_dim: int
+    image_size: int
+    context_length: int
+    activation: str
+    engine: str = Field(..., description="Runtime, provider and precision serving the encoders.")
+    content_hash: str = Field(..., description="Identity of the exported model (label-cache keys include it).")
+    source: dict = Field(..., description="Where the weights came from (manifest 'source').")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(..., description="Stable machine-readable code, e.g. invalid_input, overloaded.")
+    message: str = Field(..., description="What went wrong, for people.")
+    param: str | None = Field(None, description="The request field at fault, when there is one.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail

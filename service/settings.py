@@ -1,0 +1,80 @@
+"""Every knob of the service, in one `Settings` object built once from `CLIPSERVE_*` environment variables.
+
+The public names are short and flat (`CLIPSERVE_MAX_BATCH_SIZE`, `CLIPSERVE_REDIS_URL`, ...) and listed in
+the README. Unset model settings mean the built-in demo model, so a fresh install serves something with no
+GPU, no Redis and no network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+EngineKind = Literal["onnxruntime", "tensorrt", "torch"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="Interface to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+
+    # --- model -----------------------------------------------------------------------------------------------
+    model_repository: Path | None = Field(
+        None, description="Folder of exported models (clipserve export); unset: the built-in demo repository."
+    )
+    model: str | None = Field(None, description="Model name in the repository; unset: the built-in demo model.")
+    engine: EngineKind = Field("onnxruntime", description="Runtime for both encoders.")
+    precision: Precision = Field("fp32", description="Which exported graphs to run.")
+    onnx_providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="ONNX Runtime providers in order of preference; empty: best installed."
+    )
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0: its default.")
+    torch_model: str | None = Field(
+        None, description="models.zoo reference for the torch engine when the manifest cannot name its weights."
+    )
+
+    # --- batching ----------------------------------------------------------------------------------------------
+    max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per image-engine call.")
+    max_wait_ms: float = Field(5.0, ge=0, description="Longest an image waits for others to join its batch.")
+    max_queue: int = Field(512, ge=1, description="Images waiting for the engine before requests get 503.")
+    text_max_batch_size: int = Field(256, ge=1, description="Most prompts per text-engine call.")
+    text_max_wait_ms: float = Field(2.0, ge=0, description="Longest a prompt waits for others to join.")
+    text_max_queue: int = Field(16384, ge=1, description="Prompts waiting for the text engine before 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request; 504 when missed.")
+
+    # --- label cache -------------------------------------------------------------------------------------------
+    redis_url: str | None = Field(None, description="Redis for the shared label cache; unset: memory only.")
+    redis_timeout_ms: float = Field(100.0, gt=0, description="Socket timeout of each Redis call.")
+    cache_ttl_s: int | None = Field(None, ge=1, description="Expiry of label vectors in Redis; unset: none.")
+    cache_memory_mb: float = Field(64.0, ge=0, description="In-process LRU of label vectors, in MiB.")
+    default_templates: str = Field("simple", description="Template preset when a request names none.")
+
+    # --- limits ------------------------------------------------------------------------------------------------
+    max_body_mb: float = Field(20.0, gt=0, description="Largest request body.")
+    max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, in pixels.")
+    max_images: int = Field(32, ge=1, description="Most images in one request.")
+    max_labels: int = Field(1000, ge=1, description="Most labels in one request.")
+    max_label_chars: int = Field(300, ge=1, description="Longest label.")
+    max_texts: int = Field(1024, ge=1, description="Most texts in one /embed request.")
+
+    # --- access ------------------------------------------------------------------------------------------------
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted API keys (comma-separated); empty: no authentication."
+    )
+    playground: bool = Field(False, description="Serve a small HTML page at / for trying the API.")
+
+    @field_validator("api_keys", "onnx_providers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)

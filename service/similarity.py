@@ -1,0 +1,38 @@
+"""Scores of images against a label set, on the CPU with numpy (DESIGN.md's CPU similarity path)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the model turns cosines into probabilities (from the manifest)."""
+
+    logit_scale: float
+    logit_bias: float | None
+    activation: str  # "softmax" | "sigmoid"
+
+    def probabilities(self, cosines: np.ndarray) -> np.ndarray:
+        """[N, C] cosines -> [N, C] probabilities, in float64 so the result does not depend on the label count."""
+        logits = self.logit_scale * cosines.astype(np.float64)
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        if self.activation == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-logits))
+        logits -= logits.max(axis=1, keepdims=True)  # stable softmax
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+def cosines(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Both sides are L2-normalised, so the dot product is the cosine."""
+    return images @ labels.T
+
+
+def ranked(probabilities: np.ndarray, top_k: int | None) -> np.ndarray:
+    """Per row, column indices by descending probability (ties keep request order), cut to top_k."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")
+    return order if top_k is None else order[:, :top_k]

@@ -1,0 +1,98 @@
+"""Fixtures for the service tests: the app with its lifespan (ASGI), a real uvicorn server, a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import httpx
+import pytest
+import uvicorn
+from PIL import Image, ImageDraw
+
+from service.app import create_app
+from service.settings import Settings
+from tests.service.redis_server import RedisServer
+
+
+@asynccontextmanager
+async def running_app(**overrides: object) -> AsyncIterator[tuple[object, httpx.AsyncClient]]:
+    """The app with its lifespan run, and an in-process httpx client (ASGI, no sockets)."""
+    app = create_app(Settings(**overrides))  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://clipserve", timeout=60) as client:
+            yield app, client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def live_server(**overrides: object) -> Iterator[tuple[object, str]]:
+    """A real uvicorn server on a free port in a thread: real HTTP, real connection handling."""
+    port = free_port()
+    app = create_app(Settings(port=port, **overrides))  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield app, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture
+async def demo():
+    async with running_app() as (app, client):
+        yield app, client
+
+
+@pytest.fixture
+def redis_server(tmp_path) -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+def shape_png(shape: str = "triangle", colour: str = "blue", size: tuple[int, int] = (200, 150)) -> bytes:
+    image = Image.new("RGB", size, "lightgrey")
+    draw = ImageDraw.Draw(image)
+    box = (size[0] // 2, size[1] // 2, min(size) // 3)
+    sides = {"triangle": 3, "square": 4, "hexagon": 6}
+    if shape == "circle":
+        x, y, r = box
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+    else:
+        draw.regular_polygon(box, sides[shape], fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def gather_limited(coroutines: list, limit: int = 64) -> list:
+    semaphore = asyncio.Semaphore(limit)
+
+    async def one(coroutine):
+        async with semaphore:
+            return await coroutine
+
+    return await asyncio.gather(*(one(c) for c in coroutines))

@@ -1,0 +1,349 @@
+"""LabelCache against a real redis-server (its own process, see redis_server.py): tiers, single-flight, outages.
+
+The encoder is a deterministic fake standing in for tokenizer + text engine: each prompt maps to a unit vector
+seeded by a hash of its text, so expected label vectors can be computed directly with numpy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from models.templates import SIMPLE_7
+from service.label_cache import LabelCache
+from service.metrics import Metrics
+from tests.service.redis_server import RedisServer, free_port
+
+DIM = 16
+TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "{}")
+
+
+def prompt_vector(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    vector = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def expected(label: str, templates: tuple[str, ...] = TEMPLATES) -> np.ndarray:
+    mean = np.mean([prompt_vector(t.format(label)) for t in templates], axis=0)
+    return (mean / np.linalg.norm(mean)).astype(np.float32)
+
+
+class FakeEncoder:
+    """Stands in for tokenizer + batched text engine; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.delay_s = 0.0
+        self.error: Exception | None = None
+
+    async def __call__(self, prompts: list[str]) -> np.ndarray:
+        self.calls.append(list(prompts))
+        await asyncio.sleep(self.delay_s)  # a real engine yields to the loop; lets concurrent callers pile up
+        if self.error is not None:
+            raise self.error
+        return np.stack([prompt_vector(p) for p in prompts])
+
+
+def lookups(metrics: Metrics, tier: str, result: str) -> float:
+    return metrics.value("clipserve_label_cache_total", {"tier": tier, "result": result})
+
+
+def redis_errors(metrics: Metrics, operation: str | None = None) -> float:
+    operations = [operation] if operation else ["mget", "set", "connect"]
+    return sum(metrics.value("clipserve_redis_errors_total", {"operation": op}) for op in operations)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def namespace() -> str:
+    # Like the app's: model content hash + precision; unique per test so tests sharing one server never meet.
+    return f"clipserve:v1:{uuid.uuid4().hex[:16]}:fp32"
+
+
+@pytest.fixture
+async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+MakeCache = Callable[..., Awaitable[tuple[LabelCache, FakeEncoder, Metrics]]]
+
+
+@pytest.fixture
+async def make_cache(namespace: str) -> AsyncIterator[MakeCache]:
+    caches: list[LabelCache] = []
+
+    async def make(**kwargs: Any) -> tuple[LabelCache, FakeEncoder, Metrics]:
+        encoder, metrics = FakeEncoder(), Metrics()
+        options: dict[str, Any] = {"namespace": namespace, "dim": DIM, "encode": encoder, "metrics": metrics}
+        cache = LabelCache(**(options | kwargs))
+        await cache.connect()
+        caches.append(cache)
+        return cache, encoder, metrics
+
+    yield make
+    for cache in caches:
+        await cache.close()
+
+
+async def test_rows_are_renormalised_template_means_in_label_order(make_cache: MakeCache) -> None:
+    cache, _, _ = await make_cache()
+    labels = ["cat", "dog", "cat", "κόκκινο λεωφορείο 🚌", "x" * 5000]
+    matrix = await cache.label_matrix(labels, TEMPLATES)
+    assert matrix.shape == (5, DIM) and matrix.dtype == np.float32
+    np.testing.assert_allclose(matrix, np.stack([expected(label) for label in labels]), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-6)
+    matrix[0] = 0  # the answer is the caller's own copy: scribbling on it must not reach the cache
+    np.testing.assert_allclose((await cache.label_matrix(["cat"], TEMPLATES))[0], expected("cat"), atol=1e-6)
+    assert (await cache.label_matrix([], TEMPLATES)).shape == (0, DIM)
+    with pytest.raises(ValueError, match="templates"):
+        await cache.label_matrix(["cat"], [])
+
+
+async def test_keys_are_versioned_by_namespace_templates_and_label(make_cache: MakeCache) -> None:
+    cache, _, _ = await make_cache()
+    key = cache.key("cat", TEMPLATES)
+    assert key.startswith(cache.namespace + ":")
+    assert key != cache.key("dog", TEMPLATES)
+    assert key != cache.key("cat", TEMPLATES[::-1])
+    assert key != cache.key("cat", SIMPLE_7)
+    assert len(cache.key("ü" * 10_000, TEMPLATES)) == len(key)  # digests: long labels make short keys
+
+
+async def test_memory_then_redis_then_another_namespace_misses(
+    make_cache: MakeCache, raw: aioredis.Redis, redis_server: RedisServer
+) -> None:
+    labels = ["cat", "dog", "bird"]
+    first, encoder, metrics = await make_cache(redis_url=redis_server.url)
+    assert first.redis_available
+    vectors = await first.label_matrix(labels, TEMPLATES)
+    assert len(encoder.calls) == 1 and len(encoder.calls[0]) == 9
+    assert lookups(metrics, "memory", "miss") == 3 and lookups(metrics, "redis", "miss") == 3
+    assert await raw.exists(*(first.key(label, TEMPLATES) for label in labels)) == 3
+
+    again = await first.label_matrix(labels, TEMPLATES)
+    assert len(encoder.calls) == 1 and lookups(metrics, "memory", "hit") == 3
+    np.testing.assert_array_equal(again, vectors)
+
+    # A second replica on the same Redis and model: all Redis hits, nothing encoded, the same vectors.
+    second, encoder2, metrics2 = await make_cache(redis_url=redis_server.url)
+    np.testing.assert_array_equal(await second.label_matrix(labels, TEMPLATES), vectors)
+    assert encoder2.calls == [] and lookups(metrics2, "redis", "hit") == 3
+    assert second.encode_calls == 0 and first.encode_calls == 1 and first.prompts_encoded == 9
+
+    # Another model (another content hash in the namespace) never reads these vectors.
+    other, encoder3, metrics3 = await make_cache(redis_url=redis_server.url, namespace="clipserve:v1:0000:fp32")
+    await other.label_matrix(labels, TEMPLATES)
+    assert len(encoder3.calls) == 1 and lookups(metrics3, "redis", "hit") == 0
+    assert redis_errors(metrics) == redis_errors(metrics2) == redis_errors(metrics3) == 0
+
+
+async def test_a_thousand_labels_are_one_encode_call_one_mget_and_one_pipeline(
+    make_cache: MakeCache, redis_server: RedisServer, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, encoder, _ = await make_cache(redis_url=redis_server.url)
+    # Commands sent one by one go through Redis.execute_command; a pipeline's commands do not.
+    client = cache._redis
+    assert client is not None
+    single_commands: list[str] = []
+    send = client.execute_command
+
+    async def spy(*args: Any, **options: Any) -> Any:
+        single_commands.append(str(args[0]))
+        return await send(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", spy)
+    labels = [f"label {i}" for i in range(1000)]
+    matrix = await cache.label_matrix(labels, SIMPLE_7)
+    assert len(encoder.calls) == 1 and len(encoder.calls[0]) == 7000
+    assert single_commands == ["MGET"]  # one lookup for all misses; the 1,000 SETs went in one pipeline
+    assert await raw.exists(*(cache.key(label, SIMPLE_7) for label in labels)) == 1000
+    np.testing.assert_allclose(
+        matrix[[0, 999]], [expected(labels[0], SIMPLE_7), expected(labels[999], SIMPLE_7)], atol=1e-6
+    )
+
+    np.testing.assert_array_equal(await cache.label_matrix(labels, SIMPLE_7), matrix)
+    assert len(encoder.calls) == 1 and single_commands == ["MGET"]  # memory hits: neither encoder nor Redis
+
+
+async def test_concurrent_calls_compute_each_label_once(make_cache: MakeCache, redis_server: RedisServer) -> None:
+    cache, encoder, _ = await make_cache(redis_url=redis_server.url)
+    encoder.delay_s = 0.05
+    labels = ["apple", "pear", "plum"]
+    results = await asyncio.gather(*(cache.label_matrix(labels, TEMPLATES) for _ in range(10)))
+    assert len(encoder.calls) == 1
+    for result in results:
+        np.testing.assert_array_equal(result, results[0])
+
+    # Overlapping requests: the second encodes only what the first is not already computing.
+    await asyncio.gather(cache.label_matrix(["a", "b"], TEMPLATES), cache.label_matrix(["b", "c"], TEMPLATES))
+    assert sorted(p for call in encoder.calls[1:] for p in call) == sorted(
+        t.format(x) for x in "abc" for t in TEMPLATES
+    )
+
+
+async def test_a_cancelled_caller_does_not_cancel_the_others(make_cache: MakeCache) -> None:
+    cache, encoder, _ = await make_cache()
+    encoder.delay_s = 0.05
+    owner = asyncio.create_task(cache.label_matrix(["owl"], TEMPLATES))
+    await asyncio.sleep(0)  # the owner registers the computation
+    waiter = asyncio.create_task(cache.label_matrix(["owl"], TEMPLATES))
+    await asyncio.sleep(0.01)
+    owner.cancel()
+    np.testing.assert_allclose((await waiter)[0], expected("owl"), atol=1e-6)
+    assert len(encoder.calls) == 1
+
+
+async def test_a_malformed_redis_value_is_recomputed_and_overwritten(
+    make_cache: MakeCache, redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    cache, encoder, metrics = await make_cache(redis_url=redis_server.url)
+    key = cache.key("zebra", TEMPLATES)
+    await raw.set(key, b"\x00" * (DIM * 4 - 1))
+    matrix = await cache.label_matrix(["zebra"], TEMPLATES)
+    np.testing.assert_allclose(matrix[0], expected("zebra"), atol=1e-6)
+    assert len(encoder.calls) == 1 and lookups(metrics, "redis", "malformed") == 1
+    stored = await raw.get(key)
+    assert isinstance(stored, bytes) and len(stored) == DIM * 4
+    np.testing.assert_allclose(np.frombuffer(stored, "<f4"), expected("zebra"), atol=1e-6)
+
+
+async def test_memory_is_bounded_by_bytes_and_evicted_entries_come_from_redis(
+    make_cache: MakeCache, redis_server: RedisServer
+) -> None:
+    probe, _, _ = await make_cache()
+    entry_bytes = DIM * 4 + len(probe.key("l0", TEMPLATES))
+    cache, encoder, metrics = await make_cache(redis_url=redis_server.url, memory_bytes=3 * entry_bytes)
+    for i in range(5):
+        await cache.label_matrix([f"l{i}"], TEMPLATES)
+    assert len(encoder.calls) == 5
+
+    await cache.label_matrix(["l4", "l3", "l2"], TEMPLATES)  # the three newest fit
+    assert lookups(metrics, "memory", "hit") == 3
+    np.testing.assert_allclose((await cache.label_matrix(["l0"], TEMPLATES))[0], expected("l0"), atol=1e-6)
+    assert lookups(metrics, "memory", "hit") == 3 and lookups(metrics, "redis", "hit") == 1  # evicted -> Redis
+    assert len(encoder.calls) == 5
+
+    # memory_bytes=0 disables the memory tier: every repeat is a Redis hit.
+    off, encoder_off, metrics_off = await make_cache(redis_url=redis_server.url, memory_bytes=0)
+    await off.label_matrix(["l9"], TEMPLATES)
+    await off.label_matrix(["l9"], TEMPLATES)
+    assert len(encoder_off.calls) == 1 and lookups(metrics_off, "memory", "hit") == 0
+    assert lookups(metrics_off, "redis", "hit") == 1
+
+
+async def test_ttl_is_set_only_when_asked(
+    make_cache: MakeCache, redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    with_ttl, _, _ = await make_cache(redis_url=redis_server.url, ttl_s=60)
+    await with_ttl.label_matrix(["ttl"], TEMPLATES)
+    assert 0 < await raw.ttl(with_ttl.key("ttl", TEMPLATES)) <= 60
+    without, _, _ = await make_cache(redis_url=redis_server.url)
+    await without.label_matrix(["no ttl"], TEMPLATES)
+    assert await raw.ttl(without.key("no ttl", TEMPLATES)) == -1
+
+
+async def test_without_redis_the_memory_tier_works(make_cache: MakeCache) -> None:
+    cache, encoder, metrics = await make_cache()
+    assert not cache.redis_available
+    first = await cache.label_matrix(["a", "b"], TEMPLATES)
+    np.testing.assert_array_equal(await cache.label_matrix(["b", "a"], TEMPLATES), first[::-1])
+    assert len(encoder.calls) == 1 and lookups(metrics, "redis", "miss") == 0
+
+
+async def test_redis_on_a_closed_port_at_connect_does_not_raise(make_cache: MakeCache) -> None:
+    cache, encoder, metrics = await make_cache(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    assert redis_errors(metrics, "connect") == 1 and not cache.redis_available
+    matrix = await cache.label_matrix(["a", "b"], TEMPLATES)
+    np.testing.assert_allclose(matrix[1], expected("b"), atol=1e-6)
+    assert len(encoder.calls) == 1
+
+
+async def test_a_slow_redis_costs_one_timeout_then_is_skipped(make_cache: MakeCache) -> None:
+    # A listening socket that never answers: connections open, every command times out.
+    with socket.socket() as blackhole:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)
+        url = f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
+        cache, _, metrics = await make_cache(redis_url=url, redis_timeout_s=0.1, backoff_initial_s=0.05)
+        assert redis_errors(metrics, "connect") == 1
+        await asyncio.sleep(0.06)  # past the first backoff: the next call tries Redis
+        start = time.perf_counter()
+        matrix = await cache.label_matrix(["slow"], TEMPLATES)
+        assert time.perf_counter() - start < 0.5
+        np.testing.assert_allclose(matrix[0], expected("slow"), atol=1e-6)
+        assert redis_errors(metrics, "mget") == 1
+        await cache.label_matrix(["slow 2"], TEMPLATES)  # inside the (doubled) backoff: Redis not tried
+        assert redis_errors(metrics) == 2
+
+
+async def test_redis_outage_and_recovery(make_cache: MakeCache) -> None:
+    with RedisServer() as server:
+        # Plain clients do not retry; one retry lets this one reconnect after the restart (as the cache's does).
+        raw = aioredis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 1))
+        try:
+            cache, _, metrics = await make_cache(redis_url=server.url, backoff_initial_s=0.02, backoff_max_s=0.1)
+            await cache.label_matrix(["before"], TEMPLATES)
+            assert await raw.exists(cache.key("before", TEMPLATES)) == 1
+
+            server.stop()
+            calls = 0
+            deadline = time.monotonic() + 0.5
+            while time.monotonic() < deadline:
+                matrix = await cache.label_matrix([f"down {calls}", "before"], TEMPLATES)
+                np.testing.assert_allclose(matrix[0], expected(f"down {calls}"), atol=1e-6)
+                calls += 1
+                await asyncio.sleep(0.002)
+            errors = redis_errors(metrics)
+            assert errors >= 1 and redis_errors(metrics, "connect") == 0
+            assert errors < calls / 5, (errors, calls)  # the backoff keeps most calls away from the dead Redis
+
+            server.start()  # same port: the client reconnects on its own
+            await asyncio.sleep(0.15)  # past the longest backoff
+            await cache.label_matrix(["after"], TEMPLATES)
+            assert cache.redis_available and redis_errors(metrics) == errors
+            assert await raw.exists(cache.key("after", TEMPLATES)) == 1
+        finally:
+            await raw.aclose()
+
+
+async def test_an_encode_failure_reaches_every_waiter_and_is_not_cached(make_cache: MakeCache) -> None:
+    cache, encoder, _ = await make_cache()
+    encoder.error, encoder.delay_s = RuntimeError("text engine down"), 0.02
+    results = await asyncio.gather(
+        *(cache.label_matrix(["x", "y"], TEMPLATES) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, RuntimeError) and str(r) == "text engine down" for r in results)
+    assert len(encoder.calls) == 1
+
+    encoder.error = None
+    matrix = await cache.label_matrix(["x", "y"], TEMPLATES)
+    np.testing.assert_allclose(matrix, np.stack([expected("x"), expected("y")]), atol=1e-6)
+    assert len(encoder.calls) == 2
+
+
+async def test_an_encoder_returning_the_wrong_shape_is_an_error(make_cache: MakeCache) -> None:
+    async def broken(prompts: list[str]) -> np.ndarray:
+        return np.zeros((len(prompts), DIM + 1), np.float32)
+
+    cache, _, _ = await make_cache(encode=broken)
+    with pytest.raises(ValueError, match="shape"):
+        await cache.label_matrix(["a"], TEMPLATES)

@@ -1,0 +1,76 @@
+"""The label cache seen through /classify: real Redis (own redis-server per test), real engines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+
+from tests.service.conftest import b64, running_app, shape_png
+
+THOUSAND_LABELS = [f"label number {i}" for i in range(1000)]
+
+
+def _text_calls(app) -> int:
+    return app.state.pipeline.text_batcher.engine_calls
+
+
+async def test_warm_labels_cost_no_text_engine_calls_here_or_on_a_second_instance(redis_server):
+    body = {"images": [b64(shape_png())], "labels": THOUSAND_LABELS, "templates": "simple"}
+    async with running_app(redis_url=redis_server.url) as (first, client):
+        response = await client.post("/classify", json=body)
+        assert response.status_code == 200, response.text
+        assert _text_calls(first) >= 1  # cold: 7,000 prompts encoded
+        cold = response.json()["results"]
+        before = _text_calls(first)
+        again = await client.post("/classify", json=body)
+        assert again.status_code == 200 and _text_calls(first) == before  # warm: memory tier
+    async with running_app(redis_url=redis_server.url) as (second, client):
+        response = await client.post("/classify", json=body)
+        assert response.status_code == 200, response.text
+        assert _text_calls(second) == 0  # a fresh instance reads all 1,000 vectors from Redis
+        assert response.json()["results"] == cold
+        hits = second.state.metrics.value("clipserve_label_cache_total", {"tier": "redis", "result": "hit"})
+        assert hits == 1000
+
+
+async def test_redis_outage_mid_stream_fails_no_request(redis_server, monkeypatch):
+    import service.label_cache as label_cache
+
+    # Short backoff so the test sees the reconnect within seconds (production: 0.5 s doubling to 30 s).
+    for name in ("BACKOFF_INITIAL_S", "BACKOFF_MAX_S"):
+        if hasattr(label_cache, name):
+            monkeypatch.setattr(label_cache, name, 0.2)
+    raw = redis.Redis.from_url(redis_server.url)
+    async with running_app(redis_url=redis_server.url, redis_timeout_ms=200) as (app, client):
+
+        async def classify(i: int) -> int:
+            body = {"images": [b64(shape_png())], "labels": [f"thing {i}", f"other {i}"], "templates": "bare"}
+            return (await client.post("/classify", json=body)).status_code
+
+        assert [await classify(i) for i in range(5)] == [200] * 5
+        keys_before = len(raw.keys("clipserve:*"))
+        assert keys_before == 10
+        redis_server.stop()
+        statuses = [await classify(i) for i in range(5, 25)]
+        assert statuses == [200] * 20
+        errors = sum(
+            app.state.metrics.value("clipserve_redis_errors_total", {"operation": op})
+            for op in ("mget", "set", "connect")
+        )
+        assert errors >= 1
+        redis_server.start()
+        raw = redis.Redis.from_url(redis_server.url)  # the restarted server starts empty (no persistence)
+        await asyncio.sleep(0.5)
+        statuses = [await classify(i) for i in range(100, 110)]
+        assert statuses == [200] * 10
+        assert len(raw.keys("clipserve:*")) >= 2, "new vectors should be written to Redis again"
+
+
+async def test_without_redis_the_memory_tier_serves(demo):
+    app, client = demo
+    body = {"images": [b64(shape_png())], "labels": ["a", "b", "c"]}
+    await client.post("/classify", json=body)
+    calls = _text_calls(app)
+    assert (await client.post("/classify", json=body)).status_code == 200
+    assert _text_calls(app) == calls
