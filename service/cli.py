@@ -38,3 +38,7 @@ def _register_plugins() -> None:
 def main() -> None:
     _register_plugins()
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
@@ -118,7 +119,10 @@ def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schem
         for i, row in enumerate(result.order)
     ]
     timing = schemas.Timing(
-        total_ms=total_ms, images_ms=result.images_ms, labels_ms=result.labels_ms, similarity_ms=result.similarity_ms
+        total_ms=round(total_ms, 3),
+        images_ms=round(result.images_ms, 3),
+        labels_ms=round(result.labels_ms, 3),
+        similarity_ms=round(result.similarity_ms, 3),
     )
     return schemas.ClassifyResponse(model=p.model.name, results=results, timing=timing)
 
@@ -213,7 +217,7 @@ def _form_labels(values: list[str]) -> list[str]:
     },
 )
 async def classify(request: Request, p: Pipeline = Depends(pipeline)) -> schemas.ClassifyResponse:
-    start = asyncio.get_running_loop().time()
+    start = time.perf_counter()
     content_type = request.headers.get("content-type", "").lower()
     if content_type.startswith("multipart/form-data"):
         blobs, params, labels, templates, top_k = await _multipart(request, p)
@@ -225,7 +229,7 @@ async def classify(request: Request, p: Pipeline = Depends(pipeline)) -> schemas
     else:
         raise UnsupportedMediaType(f"content type {content_type}; send application/json or multipart/form-data")
     result = await serve(request, p.classify(blobs, params, labels, templates, top_k))
-    return _classification_response(p, result, (asyncio.get_running_loop().time() - start) * 1000)
+    return _classification_response(p, result, (time.perf_counter() - start) * 1000)
 
 
 # ---------------------------------------------------------------------------------------------------- /embed

@@ -1,0 +1,221 @@
+"""Benchmark: /classify throughput and latency at several concurrencies, beside the raw image engine's speed.
+
+For each model it first times the image engine alone (ONNX Runtime, batch 1 and the service's max batch),
+then starts the real service (uvicorn in a subprocess, the same command users run), warms the label cache,
+and drives it with N concurrent clients, each sending one single-image request after another for a fixed
+time. Every number in the report is measured in this one run on this machine, so ratios are meaningful even
+when the machine is noisy.
+
+    python -m loadtests.benchmark                                   # the built-in demo model
+    python -m loadtests.benchmark --repository /tmp/repo --model vit-b-32-random --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from models.demo import shapes
+from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
+from models.manifest import load_manifest
+from service.engines.onnxruntime import OnnxRuntimeEngine
+
+LABELS = ["red circle", "blue triangle", "green square", "yellow hexagon", "purple star"] + [
+    f"{c} {s}" for c in ("orange", "white", "black") for s in shapes.SHAPES
+]
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    concurrency: int
+    requests: int
+    errors: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+
+def photo_jpeg(seed: int = 0) -> bytes:
+    """A 640x480 JPEG, the size of a typical upload (decode + resize is part of what is measured)."""
+    rng = np.random.default_rng(seed)
+    sample = shapes.render(rng, "blue", "triangle", min_side=480, max_side=480).image.resize((640, 480))
+    buffer = io.BytesIO()
+    sample.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def engine_images_per_second(model_dir: Path, batch: int, seconds: float) -> float:
+    manifest = load_manifest(model_dir)
+    artifact = manifest.find("onnx", "image", "fp32")
+    assert artifact is not None
+    engine = OnnxRuntimeEngine(model_dir / artifact.path, "image", precision="fp32")
+    size = manifest.preprocess.image_size
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, size, size)).astype(np.float32)
+    engine(pixels)  # warm-up
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        engine(pixels)
+        images += batch
+    elapsed = time.perf_counter() - start
+    engine.close()
+    return images / elapsed
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(repository: Path, model: str, port: int, max_batch_size: int) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "CLIPSERVE_MODEL_REPOSITORY": str(repository),
+        "CLIPSERVE_MODEL": model,
+        "CLIPSERVE_MAX_BATCH_SIZE": str(max_batch_size),
+        "CLIPSERVE_REQUEST_TIMEOUT_S": "120",
+        "CLIPSERVE_MAX_QUEUE": "4096",
+    }
+    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited: {server.stderr.read().decode() if server.stderr else ''}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError("server did not become ready")
+
+
+async def drive(url: str, body: dict, concurrency: int, seconds: float) -> LoadResult:
+    latencies: list[float] = []
+    errors = 0
+    stop_at = time.perf_counter() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal errors
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                response = await client.post("/classify", json=body)
+                if response.status_code == 200:
+                    latencies.append((time.perf_counter() - start) * 1000)
+                else:
+                    errors += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return LoadResult(concurrency, len(latencies), errors, elapsed, latencies)
+
+
+def benchmark_model(repository: Path, model: str, args: argparse.Namespace) -> dict:
+    model_dir = repository / model
+    print(f"== {model}: raw image engine (ONNX Runtime fp32, CPU)", flush=True)
+    engine = {batch: engine_images_per_second(model_dir, batch, args.engine_seconds) for batch in (1, args.max_batch)}
+    for batch, rate in engine.items():
+        print(f"   batch {batch:>3}: {rate:7.1f} images/s", flush=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(repository, model, port, args.max_batch)
+    try:
+        wait_ready(url, server)
+        body = {"images": [base64.b64encode(photo_jpeg()).decode()], "labels": LABELS, "templates": "simple"}
+        httpx.post(f"{url}/classify", json=body, timeout=300).raise_for_status()  # label vectors now cached
+        results = []
+        for concurrency in args.concurrency:
+            result = asyncio.run(drive(url, body, concurrency, args.seconds))
+            results.append(result)
+            p50, p99 = result.percentile(50), result.percentile(99)
+            print(
+                f"   /classify concurrency {concurrency:>3}: {result.rps:7.1f} req/s, p50 {p50:7.1f} ms,"
+                f" p99 {p99:7.1f} ms, {result.requests} ok, {result.errors} errors",
+                flush=True,
+            )
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return {"model": model, "engine": engine, "results": results}
+
+
+def markdown(reports: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        "# /classify benchmark",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.machine()} with "
+        f"{os.cpu_count()} CPU cores, ONNX Runtime CPU, fp32 graphs. One 640x480 JPEG per request, "
+        f"{len(LABELS)} labels (cached), CLIPSERVE_MAX_BATCH_SIZE={args.max_batch}, {args.seconds:g} s per level. "
+        "Reproduce: `python -m loadtests.benchmark` (see its --help).",
+        "",
+        "| model | raw engine, batch 1 | raw engine, batch "
+        f"{args.max_batch} | concurrency | requests/s | p50 ms | p99 ms | requests/s ÷ raw batch-{args.max_batch} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for report in reports:
+        raw_1, raw_max = report["engine"][1], report["engine"][args.max_batch]
+        for result in report["results"]:
+            lines.append(
+                f"| {report['model']} | {raw_1:.1f} img/s | {raw_max:.1f} img/s | {result.concurrency} "
+                f"| {result.rps:.1f} | {result.percentile(50):.1f} | {result.percentile(99):.1f} "
+                f"| {result.rps / raw_max:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, action="append", help="model repository (repeat per --model)")
+    parser.add_argument("--model", action="append", help="model name in the repository (repeatable)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--seconds", type=float, default=10.0, help="load per concurrency level")
+    parser.add_argument("--engine-seconds", type=float, default=5.0, help="raw engine timing per batch size")
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--report", type=Path, default=Path(__file__).parent / "BENCHMARK.md")
+    args = parser.parse_args()
+    models = args.model or [EXPORT_NAME]
+    repositories = args.repository or [REPOSITORY_DIR]
+    if len(repositories) == 1:
+        repositories = repositories * len(models)
+    reports = [benchmark_model(repo, model, args) for repo, model in zip(repositories, models, strict=True)]
+    text = markdown(reports, args)
+    args.report.write_text(text)
+    print(text)
+    print(f"report written to {args.report}")
+    if any(r.errors for report in reports for r in report["results"]):
+        print("some requests failed; see the error counts above", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
