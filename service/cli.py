@@ -18,13 +18,16 @@ log = logging.getLogger(__name__)
 
 @app.command()
 def serve(
-    host: str = typer.Option("127.0.0.1", envvar="CLIPSERVE_HOST", help="Interface to bind."),
-    port: int = typer.Option(8000, envvar="CLIPSERVE_PORT", help="Port to listen on."),
+    host: str | None = typer.Option(None, help="Interface to bind (default: CLIPSERVE_HOST or 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="Port to listen on (default: CLIPSERVE_PORT or 8000)."),
 ) -> None:
-    """Start the HTTP service."""
+    """Start the HTTP service (settings from CLIPSERVE_* environment variables; see the README)."""
     import uvicorn
 
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port)
+    from service.settings import Settings
+
+    settings = Settings()  # one place reads the environment; the options only override where to listen
+    uvicorn.run("service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port)
 
 
 def _register_plugins() -> None:
