@@ -66,9 +66,12 @@ class LabelCache:
         redis_url: str | None = None,
         redis_timeout_s: float = 0.1,
         ttl_s: int | None = None,
-        backoff_initial_s: float = BACKOFF_INITIAL_S,
-        backoff_max_s: float = BACKOFF_MAX_S,
+        backoff_initial_s: float | None = None,
+        backoff_max_s: float | None = None,
     ) -> None:
+        # Read at construction (not bound as defaults) so a test can shorten the module-wide backoff.
+        backoff_initial_s = BACKOFF_INITIAL_S if backoff_initial_s is None else backoff_initial_s
+        backoff_max_s = BACKOFF_MAX_S if backoff_max_s is None else backoff_max_s
         self.namespace, self.dim, self._encode, self._metrics = namespace, dim, encode, metrics
         self._memory_bytes, self._ttl_s = memory_bytes, ttl_s
         self._redis_url, self._timeout_s = redis_url, redis_timeout_s

@@ -38,9 +38,8 @@ async def test_redis_outage_mid_stream_fails_no_request(redis_server, monkeypatc
     import service.label_cache as label_cache
 
     # Short backoff so the test sees the reconnect within seconds (production: 0.5 s doubling to 30 s).
-    for name in ("BACKOFF_INITIAL_S", "BACKOFF_MAX_S"):
-        if hasattr(label_cache, name):
-            monkeypatch.setattr(label_cache, name, 0.2)
+    monkeypatch.setattr(label_cache, "BACKOFF_INITIAL_S", 0.1)
+    monkeypatch.setattr(label_cache, "BACKOFF_MAX_S", 0.2)
     raw = redis.Redis.from_url(redis_server.url)
     async with running_app(redis_url=redis_server.url, redis_timeout_ms=200) as (app, client):
 

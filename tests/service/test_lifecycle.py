@@ -89,3 +89,18 @@ def test_a_client_that_disconnects_does_not_keep_its_slot(monkeypatch):
         assert seen_batches == [1], "the abandoned request's image must not have been run"
         cancelled = app.state.metrics.value("clipserve_rejected_total", {"engine": "image", "reason": "cancelled"})
         assert cancelled >= 1
+
+
+def test_model_selection_from_the_repository(tmp_path):
+    from service.model import ModelNotFoundError, model_directory
+    from service.settings import Settings
+
+    assert model_directory(Settings()) == REPOSITORY_DIR / EXPORT_NAME
+    shutil.copytree(REPOSITORY_DIR / EXPORT_NAME, tmp_path / "only-model")
+    assert model_directory(Settings(model_repository=tmp_path)) == tmp_path / "only-model"  # the single model
+    shutil.copytree(REPOSITORY_DIR / EXPORT_NAME, tmp_path / "second")
+    with pytest.raises(ModelNotFoundError, match="only-model, second"):
+        model_directory(Settings(model_repository=tmp_path))
+    assert model_directory(Settings(model_repository=tmp_path, model="second")) == tmp_path / "second"
+    with pytest.raises(ModelNotFoundError, match="no exported model 'missing'"):
+        model_directory(Settings(model_repository=tmp_path, model="missing"))
