@@ -82,9 +82,20 @@ def export_tower(tower: torch.nn.Module, example: np.ndarray, path: Path, spec: 
             external_data=external,
             verbose=False,
         )
+    _strip_debug_metadata(path)
     # The path form of the checker handles graphs with external data too.
     onnx.checker.check_model(str(path), full_check=True)
     return path
+
+
+def _strip_debug_metadata(path: Path) -> None:
+    """Drops the exporter's per-node debug records (Python stack traces with this checkout's file paths, FX
+    node dumps): they change with where the code lives, which would make identical exports differ by byte."""
+    model = onnx.load(str(path), load_external_data=False)  # external tensors keep their references
+    del model.graph.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save_model(model, str(path))
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:

@@ -106,6 +106,8 @@ def test_demo_graphs_have_the_documented_signature(demo_export):
             assert graph_input.name == "token_ids" and input_dims[1:] == [32]
             assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.INT64
         assert [s.name for s in artifact.inputs] == [graph_input.name]
+        # No exporter debug records: they carry this checkout's file paths and would break reproducibility.
+        assert not model.graph.metadata_props and not any(node.metadata_props for node in model.graph.node)
 
 
 def test_committed_demo_artifacts_match_a_fresh_export(demo_export):

@@ -106,7 +106,7 @@ async def test_concurrent_requests_share_engine_calls():
     """32 concurrent single-image requests over real HTTP are served in far fewer image-engine calls."""
     import httpx
 
-    with live_server(max_batch_size=32, max_wait_ms=50) as (app, url):
+    with live_server(max_batch_size=32, max_wait_ms=200) as (app, url):
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             labels_a, labels_b = LABELS, ["circle", "triangle", "square"]
             await client.post("/classify", json={"images": [b64(shape_png())], "labels": labels_a})  # warm labels
