@@ -27,6 +27,7 @@ from models import zoo  # noqa: E402
 from models.demo.config import EXPORT_FORMATS, EXPORT_NAME, REPOSITORY_DIR  # noqa: E402
 from models.manifest import ArtifactIntegrityError, load_manifest  # noqa: E402
 from service import cli  # noqa: E402
+from tests.tiny_models import tiny_hf_clip_config  # noqa: E402
 
 ALL_ONNX = ("onnx", "onnx-fp16", "onnx-int8")
 TINY_VIT = {
@@ -199,25 +200,7 @@ def test_tiny_siglip_style_model_keeps_sigmoid_and_bias(app, custom_configs, tmp
 
 def test_tiny_hugging_face_clip_directory(app, tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 16,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-        projection_dim=24,
-    )
+    config = tiny_hf_clip_config()
     torch.manual_seed(3)
     directory = tmp_path / "tiny-hf-clip"
     transformers.CLIPModel(config).save_pretrained(directory)

@@ -20,6 +20,7 @@ from models import zoo  # noqa: E402
 from models.demo.config import ARTIFACTS_DIR, WEIGHTS_FILE  # noqa: E402
 from models.preprocess import PreprocessConfig  # noqa: E402
 from models.tokenizer import TokenizerSpec  # noqa: E402
+from tests.tiny_models import tiny_hf_clip_config  # noqa: E402
 
 TINY = "zoo-test-tiny-vit"
 TINY_SIGMOID = "zoo-test-tiny-vit-sigmoid"
@@ -172,25 +173,7 @@ def test_load_model_references(tmp_path: Path) -> None:
 def hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random transformers CLIPModel with its image processor, saved once for the module."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.CLIPConfig(
-        text_config={
-            "vocab_size": 49408,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": 77,
-        },
-        vision_config={
-            "image_size": 32,
-            "patch_size": 16,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-        projection_dim=24,
-    )
+    config = tiny_hf_clip_config()
     torch.manual_seed(2)
     model = transformers.CLIPModel(config).eval()
     with torch.no_grad():
