@@ -54,6 +54,7 @@ _LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "open_clip_torch", "
 _LOCAL_PATH_KEYS = ("path", "directory")
 
 Progress = Callable[[str], None]
+STALE_STAGING_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,10 @@ def export_model(
     formats = parse_formats(formats)
     check_name(name)
     repository.mkdir(parents=True, exist_ok=True)
-    for leftover in repository.glob(f".{name}.staging-*"):  # from an export that was killed
-        shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in repository.glob(f".{name}.staging-*"):
+        # Left by a killed export; a young one may belong to an export still running, so it stays.
+        if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = repository / f".{name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     steps = _Steps(progress)

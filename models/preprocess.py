@@ -72,6 +72,14 @@ def _resized_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
+def resized_pixels(width: int, height: int, config: PreprocessConfig) -> int:
+    """Pixels of the intermediate resized image: a 1x100000 strip becomes 224 x 22 million before the crop."""
+    if config.resize_mode == "squash":
+        return config.image_size**2
+    resized_width, resized_height = _resized_size(width, height, config.image_size)
+    return resized_width * resized_height
+
+
 def _centre_crop_box(width: int, height: int, size: int) -> tuple[int, int, int, int]:
     left = int(round((width - size) / 2.0))
     top = int(round((height - size) / 2.0))

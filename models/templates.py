@@ -137,7 +137,7 @@ def validate_templates(templates: Sequence[str]) -> tuple[str, ...]:
             raise TemplateError(f"template {i} ({template!r}) must contain exactly one '{{}}', found {slots}")
         try:
             template.format("label")
-        except (IndexError, KeyError, ValueError) as error:
+        except Exception as error:  # "{[{}]}" raises TypeError, "{0.x}" AttributeError: all mean "not usable"
             raise TemplateError(f"template {i} ({template!r}) is not a valid format string: {error}") from None
     return tuple(templates)
 

@@ -32,6 +32,10 @@ class _Item:
     queued: bool = True  # still in the queue, i.e. counted in `depth`
 
 
+class _Abandoned(Exception):
+    """Nobody waits for the rest of a multi-chunk batch any more."""
+
+
 class DynamicBatcher:
     def __init__(
         self,
@@ -175,7 +179,10 @@ class DynamicBatcher:
         self._in_engine = True
         inputs = live[0].rows if len(live) == 1 else np.concatenate([item.rows for item in live])
         try:
-            outputs = await self._call_engine(inputs)
+            outputs = await self._call_engine(inputs, live)
+        except _Abandoned:
+            self._metrics.rejected.labels(self.name, "abandoned").inc()
+            return
         except Exception as error:
             log.warning("%s engine failed on %d rows: %r", self.name, len(inputs), error)
             for item in live:
@@ -186,11 +193,14 @@ class DynamicBatcher:
             if not item.future.done():  # its caller may have timed out or gone away meanwhile
                 item.future.set_result(part)
 
-    async def _call_engine(self, inputs: np.ndarray) -> np.ndarray:
+    async def _call_engine(self, inputs: np.ndarray, items: list[_Item]) -> np.ndarray:
         # Only an item bigger than max_batch_size needs more than one call.
         loop = asyncio.get_running_loop()
         parts = []
         for start in range(0, len(inputs), self.max_batch_size):
+            if start and all(item.future.done() for item in items):
+                # Every caller has gone (cancelled or timed out): the remaining chunks would only delay others.
+                raise _Abandoned
             chunk = inputs[start : start + self.max_batch_size]
             self._calls += 1
             self._metrics.batch_size.labels(self.name).observe(len(chunk))

@@ -64,6 +64,12 @@ class NotReady(ServiceError):
     status, code = 503, "not_ready"
 
 
+class ClientClosedRequest(ServiceError):
+    """Not an answer anyone reads: it only labels the request in logs and metrics."""
+
+    status, code = 499, "client_closed_request"
+
+
 class DeadlineExceeded(ServiceError):
     status, code = 504, "deadline_exceeded"
 
@@ -101,7 +107,11 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        if isinstance(error.__cause__, ServiceError):  # FastAPI wraps errors raised while reading the body
+            return error_response(error.__cause__)
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
+            error.status_code, "http_error"
+        )
         return JSONResponse(error_body(code, str(error.detail)), error.status_code, headers=error.headers)
 
     @app.exception_handler(Exception)

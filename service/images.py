@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocess import ImageTransform
+from models.preprocess import ImageTransform, resized_pixels
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 # What Pillow decodes reliably and clients actually send; everything else (EPS, PSD, ...) is refused as 415.
@@ -34,13 +34,18 @@ def decode_base64(text: str, param: str) -> bytes:
             raise InvalidInput(f"{param}: data URL must be base64-encoded", param=param)
         text = text[match.end() :]
     try:
-        return base64.b64decode(text.strip(), validate=True)
+        # Line-wrapped base64 (what `base64` and many encoders emit) is valid; strict about everything else.
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as error:
         raise InvalidInput(f"{param}: not valid base64 ({error})", param=param) from error
 
 
 def is_image_data_url(text: str) -> bool:
     return text[:11].lower() == "data:image/"
+
+
+def _undecodable(param: str, error: BaseException) -> InvalidInput:
+    return InvalidInput(f"{param}: cannot decode the image ({type(error).__name__}: {error})", param=param)
 
 
 def decode_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
@@ -62,20 +67,32 @@ def decode_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
                     f"{param}: {width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}", param=param
                 )
             image.load()
+    except (InvalidInput, UnsupportedMediaType, PayloadTooLarge):
+        raise
     except UnidentifiedImageError as error:
         raise InvalidInput(f"{param}: cannot decode the image (not a supported image file)", param=param) from error
     except Image.DecompressionBombError as error:
         raise PayloadTooLarge(f"{param}: image is too large to decode safely", param=param) from error
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        # Truncated or corrupt files surface from Pillow's decoders as any of these.
-        raise InvalidInput(f"{param}: cannot decode the image ({error})", param=param) from error
+    except Exception as error:
+        # Corrupt files surface from Pillow's decoders as OSError, SyntaxError, EOFError, struct.error,
+        # TypeError...: whatever the decoder trips on, the fault is in the upload.
+        raise _undecodable(param, error) from error
     return image
 
 
 def preprocess(data: bytes, transform: ImageTransform, *, max_pixels: int, param: str) -> np.ndarray:
     """Bytes -> float32 [3, S, S] for the image engine."""
     image = decode_image(data, max_pixels=max_pixels, param=param)
+    # The resize comes before the crop (as in open_clip), so a tiny 1x100000 strip would be blown up to
+    # gigabytes first: bound the intermediate image by the same pixel limit.
+    intermediate = resized_pixels(*image.size, transform.config)
+    if intermediate > max_pixels:
+        raise PayloadTooLarge(
+            f"{param}: a {image.width}x{image.height} image would be resized to {intermediate:,} pixels before "
+            f"cropping; the limit is {max_pixels:,} (aspect ratio too extreme)",
+            param=param,
+        )
     try:
         return transform(image)
-    except (OSError, ValueError) as error:  # e.g. a frame that fails to decode only when resized
-        raise InvalidInput(f"{param}: cannot decode the image ({error})", param=param) from error
+    except Exception as error:  # e.g. corrupt EXIF (struct.error) or a frame that fails only when resized
+        raise _undecodable(param, error) from error

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import time
 from collections import OrderedDict
@@ -83,6 +84,11 @@ class LabelCache:
         self._next_backoff_s = backoff_initial_s
         self._inflight: dict[str, asyncio.Future[np.ndarray]] = {}
         self._tasks: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        # Who still wants each in-flight key, and which task computes which keys: a computation that nobody
+        # waits for any more (its requests timed out or disconnected) is cancelled instead of occupying the
+        # text engine for everyone else.
+        self._waiters: dict[str, int] = {}
+        self._task_keys: dict[asyncio.Task[None], list[str]] = {}
         self.encode_calls = 0
         self.prompts_encoded = 0
 
@@ -122,7 +128,8 @@ class LabelCache:
         return self._key(self._templates_digest(tuple(templates)), label)
 
     def _templates_digest(self, templates: tuple[str, ...]) -> str:
-        return _digest("\x00".join(templates))  # NUL cannot be typed into a template, so the join is unambiguous
+        # JSON, not a separator join: templates may contain any character (even NUL) and must not collide.
+        return _digest(json.dumps(templates, ensure_ascii=False))
 
     def _key(self, templates_digest: str, label: str) -> str:
         return f"{self.namespace}:{templates_digest}:{_digest(label)}"
@@ -157,14 +164,35 @@ class LabelCache:
             # The work runs in its own task, so a cancelled caller does not cancel it for the others waiting.
             task = asyncio.create_task(self._resolve(templates, owned))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._task_keys[task] = list(owned)
+            task.add_done_callback(self._forget_task)
         if waiting:
             gathered = asyncio.gather(*waiting.values())
             gathered.add_done_callback(_retrieve)
-            found.update(zip(waiting, await asyncio.shield(gathered), strict=True))
+            for key in waiting:
+                self._waiters[key] = self._waiters.get(key, 0) + 1
+            try:
+                found.update(zip(waiting, await asyncio.shield(gathered), strict=True))
+            finally:
+                self._stop_waiting(list(waiting))
         if not keys:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([found[key] for key in keys])
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._task_keys.pop(task, None)
+
+    def _stop_waiting(self, keys: list[str]) -> None:
+        for key in keys:
+            remaining = self._waiters.get(key, 1) - 1
+            if remaining > 0:
+                self._waiters[key] = remaining
+            else:
+                self._waiters.pop(key, None)
+        for task, task_keys in list(self._task_keys.items()):
+            if not task.done() and not any(self._waiters.get(key, 0) for key in task_keys):
+                task.cancel()
 
     async def _resolve(self, templates: tuple[str, ...], owned: dict[str, str]) -> None:
         futures = {key: self._inflight[key] for key in owned}

@@ -160,6 +160,13 @@ class Pipeline:
         return await self.text_batcher.submit(ids, deadline=self.deadline())
 
     async def label_matrix(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+        prompts = len(labels) * len(templates)
+        if prompts > self.settings.max_prompts:
+            raise InvalidInput(
+                f"{len(labels)} labels x {len(templates)} templates = {prompts:,} prompts; the limit is "
+                f"{self.settings.max_prompts:,} (CLIPSERVE_MAX_PROMPTS)",
+                param="labels",
+            )
         return await self.label_cache.label_matrix(labels, templates)
 
     # --- requests -----------------------------------------------------------------------------------------------

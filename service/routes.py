@@ -16,10 +16,10 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException
 
 from service import schemas
 from service.errors import (
+    ClientClosedRequest,
     DeadlineExceeded,
     InvalidInput,
     InvalidRequest,
@@ -64,10 +64,13 @@ probes = APIRouter()
 async def serve(request: Request, work: Awaitable[T]) -> T:
     """Runs `work` under the request deadline, and stops it if the client goes away."""
     task = asyncio.ensure_future(work)
+    disconnected = False
 
     async def watch_disconnect() -> None:
+        nonlocal disconnected
         while not task.done():
             if await request.is_disconnected():
+                disconnected = True
                 task.cancel()  # frees the request's batcher slots; nobody is waiting for the answer
                 return
             await asyncio.sleep(_DISCONNECT_POLL_S)
@@ -78,6 +81,11 @@ async def serve(request: Request, work: Awaitable[T]) -> T:
             return await task
     except TimeoutError as error:
         raise DeadlineExceeded(f"no answer within {request.app.state.settings.request_timeout_s:g} s") from error
+    except asyncio.CancelledError:
+        if not disconnected:
+            raise  # the server is shutting down: let the cancellation through
+        # Nobody will read the answer; a plain status keeps the error-rate metrics honest (nginx's 499).
+        raise ClientClosedRequest("the client closed the connection before the answer was ready") from None
     finally:
         watcher.cancel()
         task.cancel()
@@ -132,14 +140,12 @@ def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schem
 
 async def _multipart(request: Request, p: Pipeline) -> tuple[list[bytes], list[str], list[str], Any, int | None]:
     settings = p.settings
-    try:
-        form = await request.form(
-            max_files=settings.max_images + 1,
-            max_fields=settings.max_labels + 16,
-            max_part_size=settings.max_body_bytes,
-        )
-    except MultiPartException as error:
-        raise InvalidRequest(f"cannot read the multipart body: {error.message}") from error
+    # Starlette answers a malformed multipart body with HTTPException(400), which errors.py maps to the shape.
+    form = await request.form(
+        max_files=settings.max_images + 1,
+        max_fields=settings.max_labels + 16,
+        max_part_size=settings.max_body_bytes,
+    )
     uploads = [v for key in ("image", "images") for v in form.getlist(key)]
     blobs, params = [], []
     for i, upload in enumerate(uploads):
@@ -163,9 +169,11 @@ async def _multipart(request: Request, p: Pipeline) -> tuple[list[bytes], list[s
     top_k_field = form.get("top_k")
     top_k = None
     if isinstance(top_k_field, str) and top_k_field.strip():
-        if not top_k_field.strip().isdigit() or int(top_k_field) < 1:
+        digits = top_k_field.strip()
+        # isascii: "²".isdigit() is True but int("²") fails; the length cap keeps int() cheap.
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 9) or int(digits) < 1:
             raise InvalidInput("top_k must be a positive integer", param="top_k")
-        top_k = int(top_k_field)
+        top_k = int(digits)
     return blobs, params, labels, templates, top_k
 
 
@@ -263,6 +271,13 @@ async def embed(request: Request, body: schemas.EmbedRequest, p: Pipeline = Depe
 def _check_texts(p: Pipeline, texts: list[str], param: str) -> list[str]:
     if len(texts) > p.settings.max_texts:
         raise InvalidInput(f"{len(texts)} texts; the limit is {p.settings.max_texts}", param=param)
+    for i, text in enumerate(texts):
+        # CLIP reads at most a few dozen tokens; a megabyte of text only costs tokenizer time.
+        if len(text) > p.settings.max_text_chars and not is_image_data_url(text):
+            raise InvalidInput(
+                f"{param}[{i}] has {len(text):,} characters; the limit is {p.settings.max_text_chars:,}",
+                param=f"{param}[{i}]",
+            )
     return texts
 
 
@@ -295,7 +310,9 @@ async def openai_embeddings(
         return vectors
 
     vectors = await serve(request, work())
-    tokens = sum(len(p.model.tokenizer.encode(inputs[i])) + 2 for i in text_rows)
+    tokens = await asyncio.get_running_loop().run_in_executor(
+        p.decode_pool, lambda: sum(len(p.model.tokenizer.encode(inputs[i])) + 2 for i in text_rows)
+    )
     data = [schemas.OpenAIEmbedding(index=i, embedding=e) for i, e in enumerate(_encode(vectors, body.encoding_format))]
     return schemas.OpenAIEmbeddingsResponse(
         data=data, model=p.model.name, usage=schemas.OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens)

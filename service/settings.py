@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_labels: int = Field(1000, ge=1, description="Most labels in one request.")
     max_label_chars: int = Field(300, ge=1, description="Longest label.")
     max_texts: int = Field(1024, ge=1, description="Most texts in one /embed request.")
+    max_text_chars: int = Field(2000, ge=1, description="Longest text in /embed and /v1/embeddings.")
+    max_prompts: int = Field(
+        100_000,
+        ge=1,
+        description="Most labels x templates in one request (1,000 labels x the 80 ImageNet templates fit).",
+    )
 
     # --- access ------------------------------------------------------------------------------------------------
     api_keys: Annotated[list[str], NoDecode] = Field(

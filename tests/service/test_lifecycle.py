@@ -89,6 +89,10 @@ def test_a_client_that_disconnects_does_not_keep_its_slot(monkeypatch):
         assert seen_batches == [1], "the abandoned request's image must not have been run"
         cancelled = app.state.metrics.value("clipserve_rejected_total", {"engine": "image", "reason": "cancelled"})
         assert cancelled >= 1
+        # Counted as the client's doing (nginx's 499), not as a server error.
+        requests = app.state.metrics.value
+        assert requests("clipserve_requests_total", {"route": "/classify", "status": "499"}) == 1
+        assert requests("clipserve_requests_total", {"route": "/classify", "status": "500"}) == 0
 
 
 def test_model_selection_from_the_repository(tmp_path):
