@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import errors, routes
-from service.engines.factory import build_engines, warm_up
+from service.engines.factory import EnginePair, build_engines, warm_up
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, MetricsMiddleware
 from service.model import ServedModel
@@ -25,7 +25,7 @@ from service.settings import Settings
 log = logging.getLogger("clipserve")
 
 
-def _load(settings: Settings) -> tuple[ServedModel, object]:
+def _load(settings: Settings) -> tuple[ServedModel, EnginePair]:
     model = ServedModel.load(settings)
     engines = build_engines(settings, model.manifest, model.directory)
     warm_up(engines, model.manifest)
@@ -38,7 +38,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics: Metrics = app.state.metrics
     # Loading and warming run blocking ONNX Runtime calls: keep them off the event loop.
     model, engines = await asyncio.to_thread(_load, settings)
-    pipeline = Pipeline(settings, model, engines, metrics)  # type: ignore[arg-type]
+    pipeline = Pipeline(settings, model, engines, metrics)
     try:
         await pipeline.start()
         metrics.engine_info.info(
@@ -50,8 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         app.state.pipeline = None
         await pipeline.stop()
-        for engine in (pipeline.engines.image, pipeline.engines.text):
-            engine.close()
+        engines.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
