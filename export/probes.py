@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from models.demo import shapes
+from export.parity import ZeroShotTask
+from models.demo import evaluate, shapes
 from models.preprocess import ImageTransform, PreprocessConfig
-from models.templates import IMAGENET_80
+from models.templates import IMAGENET_80, PRESETS, apply_templates
 from models.tokenizer import ClipTokenizer, TokenizerSpec
 
 PROBE_COUNT = 64  # the largest batch size the gate checks
@@ -84,11 +85,8 @@ DEMO_TASK_IMAGES = 500
 DEMO_TASK_SEED = 20_261_130  # distinct from the training streams and from eval-demo's seed
 
 
-def demo_zero_shot_task(tokenizer: ClipTokenizer, spec: TokenizerSpec, images: int = DEMO_TASK_IMAGES):
+def demo_zero_shot_task(tokenizer: ClipTokenizer, spec: TokenizerSpec, images: int = DEMO_TASK_IMAGES) -> ZeroShotTask:
     """The demo model's 40-way colour+shape task over all compositions, with the paper's photo template."""
-    from export.parity import ZeroShotTask
-    from models.demo import evaluate
-    from models.templates import PRESETS, apply_templates
 
     seen, held_out = evaluate.TASKS[0], evaluate.TASKS[1]
     pixels = np.concatenate([evaluate.render_set(task, images // 2, DEMO_TASK_SEED)[0] for task in (seen, held_out)])
