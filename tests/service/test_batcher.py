@@ -101,7 +101,9 @@ async def test_a_lone_item_runs_after_max_wait(make_batcher, engine):
     elapsed = time.monotonic() - began
     np.testing.assert_array_equal(result, np.full((1, 4), 6))
     assert batcher.engine_calls == 1
-    assert 0.04 <= elapsed < 1.0  # it waited for company, but not much longer than max_wait
+    # It waited for company (the lower bound). The upper bound only catches a batcher that waits for a full batch
+    # that never comes; it is loose because a loaded CI machine can stall any coroutine for a while.
+    assert 0.04 <= elapsed < 5.0
 
 
 async def test_batches_never_exceed_max_batch_size(make_batcher, engine):
@@ -196,7 +198,7 @@ async def test_submit_stops_waiting_at_its_deadline(make_batcher, engine):
     with pytest.raises(DeadlineExceeded) as late:
         await batcher.submit(row(1), deadline=later(0.05))
     assert late.value.status == 504
-    assert time.monotonic() - began < 1.0
+    assert time.monotonic() - began < 5.0  # the engine never answers: without the deadline this would hang
     engine.gate.set()
     assert (await batcher.submit(row(2), deadline=later()))[0, 0] == 4  # the late result went nowhere
 

@@ -122,9 +122,9 @@ async def test_text_work_nobody_waits_for_is_stopped():
         await asyncio.sleep(0.5)
         assert batcher.engine_calls == calls, "the abandoned encoding kept running"
         assert calls < 80_000 // 16  # it stopped well before the end
-        started = time.monotonic()
+        # Inside the 1 s request timeout: a text engine still busy with the abandoned prompts would make this 504.
         small = await client.post("/classify", json={"images": [b64(shape_png())], "labels": LABELS})
-        assert small.status_code == 200 and time.monotonic() - started < 1.0
+        assert small.status_code == 200
 
 
 async def test_template_sets_with_separators_do_not_share_cache_keys():

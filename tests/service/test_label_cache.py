@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import socket
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from models.templates import SIMPLE_7
+from service import label_cache as label_cache_module
 from service.label_cache import LabelCache
 from service.metrics import Metrics
 from tests.service.redis_server import RedisServer, free_port
@@ -85,6 +85,27 @@ async def raw(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
 
 
 MakeCache = Callable[..., Awaitable[tuple[LabelCache, FakeEncoder, Metrics]]]
+
+
+class ManualClock:
+    """Stands in for the cache's `time.monotonic()`, so backoff tests move time by hand instead of sleeping:
+    on a loaded 2-core CI machine a wall-clock backoff can run out between two calls."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def manual_clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
+    clock = ManualClock()
+    monkeypatch.setattr(label_cache_module, "time", clock)
+    return clock
 
 
 @pytest.fixture
@@ -277,47 +298,54 @@ async def test_redis_on_a_closed_port_at_connect_does_not_raise(make_cache: Make
     assert len(encoder.calls) == 1
 
 
-async def test_a_slow_redis_costs_one_timeout_then_is_skipped(make_cache: MakeCache) -> None:
+async def test_a_slow_redis_costs_one_timeout_then_is_skipped(
+    make_cache: MakeCache, manual_clock: ManualClock
+) -> None:
     # A listening socket that never answers: connections open, every command times out.
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
         url = f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
-        cache, _, metrics = await make_cache(redis_url=url, redis_timeout_s=0.1, backoff_initial_s=0.05)
-        assert redis_errors(metrics, "connect") == 1
-        await asyncio.sleep(0.06)  # past the first backoff: the next call tries Redis
-        start = time.perf_counter()
-        matrix = await cache.label_matrix(["slow"], TEMPLATES)
-        assert time.perf_counter() - start < 0.5
+        cache, encoder, metrics = await make_cache(redis_url=url, redis_timeout_s=0.1, backoff_initial_s=5)
+        assert redis_errors(metrics, "connect") == 1 and not cache.redis_available
+        manual_clock.advance(6)  # past the first backoff: the next call tries Redis once more
+        # The Redis timeout bounds the call; without it the read would never return (a hang, caught here).
+        matrix = await asyncio.wait_for(cache.label_matrix(["slow"], TEMPLATES), timeout=30)
         np.testing.assert_allclose(matrix[0], expected("slow"), atol=1e-6)
-        assert redis_errors(metrics, "mget") == 1
-        await cache.label_matrix(["slow 2"], TEMPLATES)  # inside the (doubled) backoff: Redis not tried
-        assert redis_errors(metrics) == 2
+        assert redis_errors(metrics, "mget") == 1 and len(encoder.calls) == 1
+        manual_clock.advance(9)  # inside the doubled (10 s) backoff: Redis is not tried, so no new error
+        await asyncio.wait_for(cache.label_matrix(["slow 2"], TEMPLATES), timeout=30)
+        assert redis_errors(metrics) == 2 and len(encoder.calls) == 2
+        manual_clock.advance(2)  # past it: tried, and failed, once more
+        await asyncio.wait_for(cache.label_matrix(["slow 3"], TEMPLATES), timeout=30)
+        assert redis_errors(metrics, "mget") == 2
 
 
-async def test_redis_outage_and_recovery(make_cache: MakeCache) -> None:
+async def test_redis_outage_and_recovery(make_cache: MakeCache, manual_clock: ManualClock) -> None:
     with RedisServer() as server:
         # Plain clients do not retry; one retry lets this one reconnect after the restart (as the cache's does).
         raw = aioredis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 1))
         try:
-            cache, _, metrics = await make_cache(redis_url=server.url, backoff_initial_s=0.02, backoff_max_s=0.1)
+            cache, _, metrics = await make_cache(redis_url=server.url, backoff_initial_s=1, backoff_max_s=4)
             await cache.label_matrix(["before"], TEMPLATES)
             assert await raw.exists(cache.key("before", TEMPLATES)) == 1
 
             server.stop()
-            calls = 0
-            deadline = time.monotonic() + 0.5
-            while time.monotonic() < deadline:
-                matrix = await cache.label_matrix([f"down {calls}", "before"], TEMPLATES)
-                np.testing.assert_allclose(matrix[0], expected(f"down {calls}"), atol=1e-6)
-                calls += 1
-                await asyncio.sleep(0.002)
+            for call in range(20):  # the backoff keeps every call after the first away from the dead Redis
+                matrix = await cache.label_matrix([f"down {call}", "before"], TEMPLATES)
+                np.testing.assert_allclose(matrix[0], expected(f"down {call}"), atol=1e-6)
+            assert redis_errors(metrics) == 1 and redis_errors(metrics, "connect") == 0
+            backoffs = [1, 2, 4, 4]  # doubling, capped at backoff_max_s
+            for step, backoff in enumerate(backoffs):  # new labels each time: the memory tier must not answer
+                manual_clock.advance(backoff - 0.01)
+                await cache.label_matrix([f"inside {step}"], TEMPLATES)  # still inside the backoff: not tried
+                manual_clock.advance(0.02)
+                await cache.label_matrix([f"past {step}"], TEMPLATES)  # past it: tried and failed
             errors = redis_errors(metrics)
-            assert errors >= 1 and redis_errors(metrics, "connect") == 0
-            assert errors < calls / 5, (errors, calls)  # the backoff keeps most calls away from the dead Redis
+            assert errors == 1 + len(backoffs)
 
             server.start()  # same port: the client reconnects on its own
-            await asyncio.sleep(0.15)  # past the longest backoff
+            manual_clock.advance(4.01)  # past the longest backoff
             await cache.label_matrix(["after"], TEMPLATES)
             assert cache.redis_available and redis_errors(metrics) == errors
             assert await raw.exists(cache.key("after", TEMPLATES)) == 1
