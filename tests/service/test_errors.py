@@ -184,12 +184,19 @@ def image_gate(monkeypatch):
 async def test_overload_is_a_503_with_retry_after(image_gate):
     import asyncio
 
-    async with running_app(max_batch_size=1, max_wait_ms=0, max_queue=2) as (_, client):
+    async with running_app(max_batch_size=1, max_wait_ms=0, max_queue=2) as (app, client):
         body = {"images": [b64(shape_png())], "labels": LABELS}
         await _still_serving(client)  # label vectors cached: only the image engine is in the way
         image_gate.close()
         tasks = [asyncio.create_task(client.post("/classify", json=body)) for _ in range(8)]
-        await asyncio.sleep(1.0)
+        # Open the gate once all eight have been answered or queued (polled, not a fixed sleep: a loaded
+        # machine may take longer to get them in, and an early opening would let a late one through).
+        refused = {"engine": "image", "reason": "queue_full"}
+        for _ in range(600):
+            if app.state.metrics.value("clipserve_rejected_total", refused) >= 5:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)  # a sixth refusal, were the bound off by one, would show up here
         image_gate.open()
         responses = await asyncio.gather(*tasks)
         statuses = sorted(r.status_code for r in responses)
