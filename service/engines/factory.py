@@ -53,10 +53,11 @@ def build_engines(settings: Settings, manifest: Manifest, model_dir: Path) -> En
                 for role in ROLES
             )
         case "tensorrt":
-            from service.engines.tensorrt import TensorRTEngine, current_compute_capability, load_tensorrt, select_build
+            from service.engines import cuda_runtime
+            from service.engines.tensorrt import TensorRTEngine, load_tensorrt, select_build
 
             tensorrt_version = str(load_tensorrt().__version__)  # first: without TensorRT nothing else matters
-            build = select_build(manifest, current_compute_capability(), tensorrt_version)
+            build = select_build(manifest, cuda_runtime.compute_capability(), tensorrt_version)
             if settings.max_batch_size > build.max_batch:
                 log.warning(
                     "CLIPSERVE_MAX_BATCH_SIZE=%d exceeds the TensorRT profile's max batch %d; larger batches run "

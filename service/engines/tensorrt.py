@@ -2,9 +2,9 @@
 
 A plan only deserializes on the GPU family (compute capability) and the TensorRT release that built it, so
 the manifest records one build per ``tensorrt/<sm-arch>-trt<version>/`` directory and `select_build` picks the
-one for this machine. Device buffers and the CUDA stream come from torch's CUDA allocator (`TorchCudaMemory`),
-behind the small `DeviceMemory` seam so that the logic runs in tests against fakes. tensorrt and torch are
-imported only when an engine is built, never at module import.
+one for this machine. Device buffers and the CUDA stream come from NVIDIA's CUDA Python bindings
+(`service.engines.cuda_runtime`), behind the small `DeviceMemory` seam so that the logic runs in tests against
+fakes. tensorrt and the bindings are imported only when an engine is built, never at module import; torch never.
 """
 
 from __future__ import annotations
@@ -13,16 +13,15 @@ import logging
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from models.manifest import Manifest, TensorRTBuild
 from service.engines.base import EngineError
+from service.engines.cuda_runtime import GPU_EXTRA, CudaRuntimeMemory
 
 log = logging.getLogger("clipserve.engines")
-
-GPU_EXTRA = "pip install 'clipserve[gpu]'"
 
 
 def load_tensorrt() -> ModuleType:
@@ -36,26 +35,6 @@ def load_tensorrt() -> ModuleType:
             f"GPU machine run {GPU_EXTRA}, or use CLIPSERVE_ENGINE=onnxruntime"
         ) from error
     return tensorrt
-
-
-def _load_torch() -> ModuleType:
-    try:
-        import torch
-    except (ImportError, OSError) as error:
-        raise EngineError(
-            f"the TensorRT engine allocates device memory through torch, which cannot be imported here ({error}); "
-            "install a CUDA build of torch next to clipserve[gpu]"
-        ) from error
-    return torch
-
-
-def current_compute_capability(device: int = 0) -> str:
-    """Compute capability of CUDA device `device`, e.g. "9.0" (asked through torch: TensorRT does not say)."""
-    torch = _load_torch()
-    if not torch.cuda.is_available():
-        raise EngineError("CLIPSERVE_ENGINE=tensorrt needs an NVIDIA GPU and none is visible; use onnxruntime")
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}.{minor}"
 
 
 def _describe_build(build: TensorRTBuild) -> str:
@@ -85,51 +64,13 @@ class DeviceMemory(Protocol):
     @property
     def stream_handle(self) -> int: ...
 
-    def upload(self, array: np.ndarray) -> Any: ...  # a device buffer holding a copy of `array`
+    def buffer(self, slot: str, nbytes: int) -> int: ...  # device address of >= nbytes, reused per slot
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any: ...
+    def copy_in(self, address: int, array: np.ndarray) -> None: ...  # host -> device, on the stream
 
-    def address(self, buffer: Any) -> int: ...
+    def copy_out(self, address: int, out: np.ndarray) -> None: ...  # device -> host, then waits for the stream
 
-    def download(self, buffer: Any) -> np.ndarray: ...  # waits for the stream, then copies to the host
-
-
-class TorchCudaMemory:
-    """`DeviceMemory` on torch CUDA tensors and a torch CUDA stream."""
-
-    def __init__(self, device: int = 0) -> None:
-        torch = _load_torch()
-        if not torch.cuda.is_available():
-            raise EngineError("the TensorRT engine needs a CUDA GPU and torch sees none")
-        self._torch = torch
-        self._device = torch.device("cuda", device)
-        self._stream = torch.cuda.Stream(self._device)
-        self._dtypes = {
-            np.dtype(np.float32): torch.float32,
-            np.dtype(np.float16): torch.float16,
-            np.dtype(np.int64): torch.int64,
-            np.dtype(np.int32): torch.int32,
-        }
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self._stream.cuda_stream)
-
-    def upload(self, array: np.ndarray) -> Any:
-        # Enqueued on our stream, so TensorRT (same stream) reads it only after the copy lands.
-        with self._torch.cuda.stream(self._stream):
-            return self._torch.from_numpy(np.ascontiguousarray(array)).to(self._device, non_blocking=True)
-
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> Any:
-        with self._torch.cuda.stream(self._stream):
-            return self._torch.empty(shape, dtype=self._dtypes[np.dtype(dtype)], device=self._device)
-
-    def address(self, buffer: Any) -> int:
-        return int(buffer.data_ptr())
-
-    def download(self, buffer: Any) -> np.ndarray:
-        self._stream.synchronize()
-        return buffer.cpu().numpy()
+    def close(self) -> None: ...
 
 
 class TensorRTEngine:
@@ -151,8 +92,8 @@ class TensorRTEngine:
         trt = load_tensorrt()
         self.role = role
         self.max_batch_size: int | None = max_batch_size
-        # Memory first: torch then owns the device's primary CUDA context, which TensorRT picks up and shares.
-        self._memory = memory if memory is not None else TorchCudaMemory()
+        # Memory first: the CUDA runtime then holds the device's primary context, which TensorRT picks up and shares.
+        self._memory = memory if memory is not None else CudaRuntimeMemory()
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         # The runtime must outlive the engine it deserialized, so it is kept.
         self._runtime = trt.Runtime(self._trt_logger)
@@ -194,14 +135,16 @@ class TensorRTEngine:
                 raise EngineError(
                     f"{self.description}: input shape {host.shape} is outside the engine's optimisation profile"
                 )
-            output_shape = tuple(context.get_tensor_shape(self._output_name))
-            device_in = self._memory.upload(host)
-            device_out = self._memory.empty(output_shape, self._output_dtype)
-            context.set_tensor_address(self._input_name, self._memory.address(device_in))
-            context.set_tensor_address(self._output_name, self._memory.address(device_out))
-            if not context.execute_async_v3(self._memory.stream_handle):
+            output = np.empty(tuple(context.get_tensor_shape(self._output_name)), self._output_dtype)
+            memory = self._memory
+            input_address = memory.buffer("input", host.nbytes)
+            output_address = memory.buffer("output", output.nbytes)
+            memory.copy_in(input_address, host)
+            context.set_tensor_address(self._input_name, input_address)
+            context.set_tensor_address(self._output_name, output_address)
+            if not context.execute_async_v3(memory.stream_handle):
                 raise EngineError(f"{self.description}: TensorRT failed to enqueue the batch")
-            output = self._memory.download(device_out)
+            memory.copy_out(output_address, output)
         return np.ascontiguousarray(output, dtype=np.float32)
 
     def close(self) -> None:
@@ -209,3 +152,4 @@ class TensorRTEngine:
             self._context = None
             self._engine = None
             self._runtime = None
+            self._memory.close()

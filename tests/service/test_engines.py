@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from models.demo.dataset import render_chunk
 from models.manifest import Artifact, Manifest, TensorRTBuild, load_manifest
 from models.preprocess import ImageTransform
 from models.tokenizer import ClipTokenizer
+from service.engines import cuda_runtime
 from service.engines import tensorrt as trt_engines
 from service.engines.base import EngineError
 from service.engines.factory import EnginePair, build_engines, warm_up
@@ -333,31 +335,42 @@ def test_torch_without_known_weights_asks_for_clipserve_torch_model(torch_engine
 
 EMBED_DIM = 64
 FAKE_PLAN = b"fake-plan"
+TRT_TYPES = {"FLOAT": np.float32, "INT64": np.int64, "INT32": np.int32}
 
 
 class FakeDeviceMemory:
-    """faked: TensorRT cannot be installed on this machine. Host arrays addressed by integer 'pointers'."""
+    """faked: no GPU here. Byte buffers addressed by integer 'pointers', with the real class's grow-only slots."""
 
     def __init__(self) -> None:
-        self.buffers: dict[int, np.ndarray] = {}
+        self.buffers: dict[int, bytearray] = {}
+        self.slots: dict[str, int] = {}
         self.stream_handle = 1234
+        self.closed = False
+        self._addresses = itertools.count(0x1000, 0x1000)
 
-    def _store(self, array: np.ndarray) -> int:
-        address = 0x1000 * (len(self.buffers) + 1)
-        self.buffers[address] = array
+    def buffer(self, slot: str, nbytes: int) -> int:
+        address = self.slots.get(slot)
+        if address is None or len(self.buffers[address]) < nbytes:
+            self.buffers.pop(address, None)  # type: ignore[arg-type]
+            address = next(self._addresses)
+            self.buffers[address] = bytearray(b"\xff" * nbytes)  # garbage, as cudaMalloc gives
+            self.slots[slot] = address
         return address
 
-    def upload(self, array: np.ndarray) -> int:
-        return self._store(array.copy())
+    def copy_in(self, address: int, array: np.ndarray) -> None:
+        data = np.ascontiguousarray(array).tobytes()
+        self.buffers[address][: len(data)] = data
 
-    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> int:
-        return self._store(np.full(shape, np.nan, dtype))
+    def copy_out(self, address: int, out: np.ndarray) -> None:
+        out[...] = np.frombuffer(bytes(self.buffers[address][: out.nbytes]), out.dtype).reshape(out.shape)
 
-    def address(self, buffer: int) -> int:
-        return buffer
+    def view(self, address: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        """What the fake 'GPU' sees at `address`: a writable array over the buffer's bytes."""
+        count = int(np.prod(shape))
+        return np.frombuffer(self.buffers[address], dtype, count).reshape(shape)
 
-    def download(self, buffer: int) -> np.ndarray:
-        return self.buffers[buffer].copy()
+    def close(self) -> None:
+        self.closed = True
 
 
 def fake_embed(inputs: np.ndarray) -> np.ndarray:
@@ -388,10 +401,11 @@ class FakeContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         self.streams.append(stream_handle)
-        memory = self.engine.memory
-        memory.buffers[self.addresses["embeddings"]][...] = fake_embed(
-            memory.buffers[self.addresses[self.engine.input]]
-        )
+        engine, memory = self.engine, self.engine.memory
+        batch_shape = self.shapes[-1][1]
+        inputs = memory.view(self.addresses[engine.input], np.dtype(TRT_TYPES[engine.input_dtype]), batch_shape)
+        outputs = memory.view(self.addresses["embeddings"], np.dtype(np.float32), self.get_tensor_shape("embeddings"))
+        outputs[...] = fake_embed(inputs)
         return True
 
 
@@ -442,7 +456,7 @@ def make_fake_tensorrt(memory: FakeDeviceMemory, max_batch: int = 8) -> types.Mo
     trt.Logger = Logger  # type: ignore[attr-defined]
     trt.Runtime = Runtime  # type: ignore[attr-defined]
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
-    trt.nptype = {"FLOAT": np.float32, "INT64": np.int64, "INT32": np.int32}.__getitem__  # type: ignore[attr-defined]
+    trt.nptype = TRT_TYPES.__getitem__  # type: ignore[attr-defined]
     return trt
 
 
@@ -515,6 +529,21 @@ def test_tensorrt_engine_runs_the_context_with_the_batch_shape(fake_trt, device_
     assert engine.max_batch_size == 8
 
 
+def test_tensorrt_engine_reuses_its_device_buffers_and_grows_them_when_needed(fake_trt, device_memory, tmp_path):
+    plan = write_plan(tmp_path / "image.plan", "pixels")
+    engine = TensorRTEngine(plan, "image", input_name="pixels", max_batch_size=8, memory=device_memory)
+    first = np.random.default_rng(0).random((4, 3, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(engine(first), fake_embed(first))
+    slots = dict(device_memory.slots)
+    np.testing.assert_array_equal(engine(first[:2]), fake_embed(first[:2]))  # smaller: same buffers
+    assert device_memory.slots == slots
+    bigger = np.concatenate([first, first[::-1]])
+    np.testing.assert_array_equal(engine(bigger), fake_embed(bigger))  # larger: new buffers, right answers
+    assert device_memory.slots != slots and len(device_memory.buffers) == 2
+    engine.close()
+    assert device_memory.closed
+
+
 def test_tensorrt_engine_chunks_batches_above_the_profile_max(fake_trt, device_memory, tmp_path):
     plan = write_plan(tmp_path / "text.plan", "token_ids", "INT64")
     engine = TensorRTEngine(plan, "text", input_name="token_ids", max_batch_size=4, memory=device_memory)
@@ -527,8 +556,9 @@ def test_tensorrt_engine_chunks_batches_above_the_profile_max(fake_trt, device_m
 def test_tensorrt_engine_casts_inputs_to_the_engine_dtype(fake_trt, device_memory, tmp_path):
     plan = write_plan(tmp_path / "text.plan", "token_ids", "INT32")
     engine = TensorRTEngine(plan, "text", input_name="token_ids", max_batch_size=8, memory=device_memory)
-    engine(np.ones((2, 32), np.int64))
-    assert device_memory.buffers[0x1000].dtype == np.int32
+    ids = np.arange(64, dtype=np.int64).reshape(2, 32)
+    np.testing.assert_array_equal(engine(ids), fake_embed(ids))  # the fake reads the input bytes as int32
+    assert len(device_memory.buffers[device_memory.slots["input"]]) == ids.size * 4
 
 
 def test_tensorrt_engine_refuses_a_plan_it_cannot_deserialize(fake_trt, device_memory, tmp_path):
@@ -576,8 +606,8 @@ def test_factory_builds_tensorrt_engines_from_the_matching_build(
                 Artifact(path=relative, role=role, format="tensorrt", precision="fp16", sha256="0" * 64, bytes=1)
             )
     with_plans = manifest.model_copy(update={"tensorrt": builds, "artifacts": (*manifest.artifacts, *plans)})
-    monkeypatch.setattr(trt_engines, "current_compute_capability", lambda device=0: "9.0")
-    monkeypatch.setattr(trt_engines, "TorchCudaMemory", lambda: device_memory)
+    monkeypatch.setattr(cuda_runtime, "compute_capability", lambda device=0: "9.0")
+    monkeypatch.setattr(trt_engines, "CudaRuntimeMemory", lambda: device_memory)
 
     pair = build_engines(Settings(engine="tensorrt", max_batch_size=64), with_plans, tmp_path)
     assert pair.image.description == "tensorrt 10.7.0 fp16 sm90-trt10.7.0/image.plan"
@@ -586,9 +616,46 @@ def test_factory_builds_tensorrt_engines_from_the_matching_build(
     warm_up(pair, with_plans)
     assert [engine.input for engine in fake_trt.engines] == ["pixels", "token_ids"]
 
-    monkeypatch.setattr(trt_engines, "current_compute_capability", lambda device=0: "8.6")
+    monkeypatch.setattr(cuda_runtime, "compute_capability", lambda device=0: "8.6")
     with pytest.raises(EngineError, match="only valid on the GPU family"):
         build_engines(Settings(engine="tensorrt"), with_plans, tmp_path)
+
+
+def test_cuda_memory_without_the_bindings_says_how_to_install_them(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # `from cuda.bindings import runtime` now fails
+    for call in (cuda_runtime.CudaRuntimeMemory, cuda_runtime.compute_capability):
+        with pytest.raises(EngineError, match=r"cuda-bindings.*pip install 'clipserve\[gpu\]'"):
+            call()
+
+
+def test_cuda_memory_on_the_real_cuda_runtime():
+    """Real cuda-bindings (a dev dependency), real CUDA runtime: a round trip through device memory where a GPU is
+    visible (the GPU check); elsewhere, as on CI, the clear error the service would log instead of a crash."""
+    pytest.importorskip("cuda.bindings.runtime")
+    try:
+        memory = cuda_runtime.CudaRuntimeMemory()
+    except EngineError as error:
+        message = str(error)
+        assert message.startswith("CUDA cudaSetDevice failed: cudaError") and "CLIPSERVE_ENGINE=onnxruntime" in message
+        with pytest.raises(EngineError, match="cudaDeviceGetAttribute failed"):
+            cuda_runtime.compute_capability()
+        return
+    try:
+        assert float(cuda_runtime.compute_capability()) >= 3.0
+        host = np.random.default_rng(0).random((3, 5), dtype=np.float32)
+        address = memory.buffer("input", host.nbytes)
+        assert memory.buffer("input", host.nbytes // 2) == address  # reused, not reallocated
+        memory.copy_in(address, host)
+        back = np.empty_like(host)
+        memory.copy_out(address, back)
+        np.testing.assert_array_equal(back, host)
+        grown = memory.buffer("input", host.nbytes * 1000)
+        memory.copy_in(grown, host)
+        memory.copy_out(grown, back)
+        np.testing.assert_array_equal(back, host)
+    finally:
+        memory.close()
+        memory.close()  # twice is harmless
 
 
 # ------------------------------------------------------------------------------------------ torch-free

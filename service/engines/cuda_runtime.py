@@ -1,0 +1,118 @@
+"""Device memory and a CUDA stream for the TensorRT engine, through NVIDIA's CUDA Python runtime bindings.
+
+`cuda-bindings` (``cuda.bindings.runtime``) is what TensorRT's own Python samples use for buffers and streams. It
+is a few MB, where torch is gigabytes, so the GPU install and image stay torch-free like the rest of the serving
+path. Every call returns ``(error, *values)``; `_check` turns an error into an EngineError that says what failed.
+
+The module imports the bindings only when memory is first asked for, so the service imports without them.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from service.engines.base import EngineError
+
+GPU_EXTRA = "pip install 'clipserve[gpu]'"
+
+
+def load_cudart() -> ModuleType:
+    """`cuda.bindings.runtime`, or an EngineError saying how to get it."""
+    try:
+        from cuda.bindings import runtime
+    except (ImportError, OSError) as error:
+        raise EngineError(
+            f"the TensorRT engine needs NVIDIA's CUDA Python bindings (cuda-bindings), which cannot be imported "
+            f"here ({error}); run {GPU_EXTRA}"
+        ) from error
+    return runtime
+
+
+def _check(cudart: ModuleType, what: str, result: tuple[Any, ...]) -> Any:
+    """The value(s) of a cuda-bindings call, or an EngineError naming the call and CUDA's own explanation."""
+    error, *values = result
+    if error != cudart.cudaError_t.cudaSuccess:
+        _, name = cudart.cudaGetErrorName(error)
+        _, text = cudart.cudaGetErrorString(error)
+        hint = ""
+        if error in (cudart.cudaError_t.cudaErrorNoDevice, cudart.cudaError_t.cudaErrorInsufficientDriver):
+            hint = "; the TensorRT engine needs an NVIDIA GPU and its driver, else use CLIPSERVE_ENGINE=onnxruntime"
+        raise EngineError(f"CUDA {what} failed: {name.decode()} ({text.decode()}){hint}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def compute_capability(device: int = 0) -> str:
+    """Compute capability of CUDA device `device`, e.g. "9.0": the key for picking a TensorRT build."""
+    cudart = load_cudart()
+    major, minor = (
+        _check(cudart, "cudaDeviceGetAttribute", cudart.cudaDeviceGetAttribute(attribute, device))
+        for attribute in (
+            cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor,
+            cudart.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor,
+        )
+    )
+    return f"{major}.{minor}"
+
+
+class CudaRuntimeMemory:
+    """`DeviceMemory` (see service.engines.tensorrt) on cudaMalloc'd buffers and one CUDA stream.
+
+    Buffers are kept per slot ("input", "output") and only grow, so a steady stream of batches allocates nothing.
+    The engine calls this from whichever worker thread runs the batch; all of them use device 0, the CUDA
+    runtime's default, so no per-thread cudaSetDevice is needed.
+    """
+
+    def __init__(self, device: int = 0) -> None:
+        self._cudart = cudart = load_cudart()
+        _check(cudart, "cudaSetDevice", cudart.cudaSetDevice(device))
+        self._stream = _check(cudart, "cudaStreamCreate", cudart.cudaStreamCreate())
+        self._buffers: dict[str, tuple[int, int]] = {}  # slot -> (device address, bytes)
+        self._closed = False
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self._stream)
+
+    def buffer(self, slot: str, nbytes: int) -> int:
+        address, size = self._buffers.get(slot, (0, 0))
+        if nbytes > size:
+            cudart = self._cudart
+            if address:
+                # The stream may still read the old buffer: let it finish before the memory is handed back.
+                _check(cudart, "cudaStreamSynchronize", cudart.cudaStreamSynchronize(self._stream))
+                _check(cudart, "cudaFree", cudart.cudaFree(address))
+                self._buffers.pop(slot)
+            address = int(_check(cudart, "cudaMalloc", cudart.cudaMalloc(nbytes)))
+            self._buffers[slot] = (address, nbytes)
+        return address
+
+    def copy_in(self, address: int, array: np.ndarray) -> None:
+        # From pageable memory, cudaMemcpyAsync returns once the bytes are staged, so `array` may go after it.
+        cudart = self._cudart
+        host = np.ascontiguousarray(array)
+        kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        copy = cudart.cudaMemcpyAsync(address, host.ctypes.data, host.nbytes, kind, self._stream)
+        _check(cudart, "cudaMemcpyAsync", copy)
+
+    def copy_out(self, address: int, out: np.ndarray) -> None:
+        cudart = self._cudart
+        kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        copy = cudart.cudaMemcpyAsync(out.ctypes.data, address, out.nbytes, kind, self._stream)
+        _check(cudart, "cudaMemcpyAsync", copy)
+        _check(cudart, "cudaStreamSynchronize", cudart.cudaStreamSynchronize(self._stream))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        cudart = self._cudart
+        cudart.cudaStreamSynchronize(self._stream)
+        for address, _ in self._buffers.values():
+            cudart.cudaFree(address)
+        self._buffers.clear()
+        cudart.cudaStreamDestroy(self._stream)
