@@ -37,6 +37,9 @@ TINY_VIT = {
 }
 # SigLIP-style scoring (sigmoid with a learned bias) on a CLIP-BPE text tower, as open_clip configures it.
 TINY_SIGLIP_STYLE = {**TINY_VIT, "init_logit_scale": math.log(10), "init_logit_bias": -10}
+# Random init is seeded so a failure can be re-run and looked at. Over seeds 0-11 this config's int8 graphs
+# score min cosines of 0.9996-0.9998 (image) and 0.9945-0.9984 (text) against the gate's 0.99 (AVX2 machine).
+TINY_SEED = 0
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +172,7 @@ def custom_configs(tmp_path, monkeypatch):
         paths[name] = path
         # Registered through the CLI option below; undone afterwards so open_clip's registry is left as found.
         monkeypatch.delitem(factory._MODEL_CONFIGS, name, raising=False)
+    torch.manual_seed(TINY_SEED)
     yield paths
     for name in paths:
         factory._MODEL_CONFIGS.pop(name, None)
@@ -324,6 +328,7 @@ def test_default_names_are_directory_safe():
 
 @pytest.mark.slow
 def test_random_init_vit_b_32_passes_the_gate(tmp_path):
+    torch.manual_seed(0)  # reproducible weights, so a gate failure here can be re-run and looked at
     loaded = zoo.load_open_clip("ViT-B-32")
     result = pipeline.export_model(loaded, "vit-b-32", tmp_path, formats=list(ALL_ONNX))
     _assert_gate_passed(load_manifest(result.directory))

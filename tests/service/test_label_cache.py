@@ -298,9 +298,7 @@ async def test_redis_on_a_closed_port_at_connect_does_not_raise(make_cache: Make
     assert len(encoder.calls) == 1
 
 
-async def test_a_slow_redis_costs_one_timeout_then_is_skipped(
-    make_cache: MakeCache, manual_clock: ManualClock
-) -> None:
+async def test_a_slow_redis_costs_one_timeout_then_is_skipped(make_cache: MakeCache, manual_clock: ManualClock) -> None:
     # A listening socket that never answers: connections open, every command times out.
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
