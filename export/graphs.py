@@ -137,8 +137,8 @@ def to_int8(source: Path, target: Path) -> Path:
     Weights are quantised per output channel to 7 bits (`reduce_range`). On x86 CPUs without VNNI (AVX2 only,
     e.g. AMD Zen 3) ONNX Runtime's u8s8 kernels add pairs of products in int16, which saturates with full 8-bit
     weights: there, plain settings gave random-init ViT-B-32 a min image cosine of 0.983, under the gate, while a
-    VNNI machine gave 0.9997 for the same graph. With these settings it is 0.9995 on the AVX2 machine, at the
-    same speed, so an int8 graph that passed the gate on one CPU keeps passing on another (export/REPORT.md).
+    VNNI machine gave 0.9997 for the same model. With these settings it is 0.9995 on the AVX2 machine, at the
+    same speed (export/REPORT.md). The gate measures the CPU it runs on; these settings narrow the gap to others.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
