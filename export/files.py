@@ -2,22 +2,60 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
+
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # <linux/fs.h>
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swaps two existing paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE).
+
+    Returns False where that is not available (another OS, an old kernel or C library, a filesystem that does
+    not support it), so the caller can fall back to two renames.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(first), None, str(second))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink()
 
 
 def replace_directory(staging: Path, target: Path) -> None:
     """Puts the complete `staging` directory where `target` is, keeping the old one until that succeeded.
 
-    rename() cannot replace a non-empty directory, so the old one is moved aside first (on the same
-    filesystem, so each rename is atomic) and moved back if the new one cannot take its place. Readers may
-    find no directory for the instant between the two renames, never a mixed or partial one.
+    rename() cannot replace a non-empty directory. On Linux the two are swapped in one atomic step, so readers
+    see the old model or the new one and nothing else, even if the process dies halfway. Elsewhere the old one
+    is moved aside first (on the same filesystem, so each rename is atomic) and moved back if the new one
+    cannot take its place; readers may then find no directory for the instant between the two renames, and a
+    crash in that instant leaves the old model as `.<name>.<id>.retired` (`restore_retired` puts it back).
     """
     # mkdtemp creates 0700 directories; model servers often run as another user than the exporter.
     staging.chmod(0o755)
     if not target.exists() and not target.is_symlink():
         staging.rename(target)
+        return
+    if _exchange(staging, target):
+        _remove(staging)  # now the old model
         return
     retired = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.retired")
     target.rename(retired)
@@ -26,7 +64,15 @@ def replace_directory(staging: Path, target: Path) -> None:
     except BaseException:
         retired.rename(target)
         raise
-    if retired.is_dir() and not retired.is_symlink():
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        retired.unlink()
+    _remove(retired)
+
+
+def restore_retired(target: Path) -> Path | None:
+    """Moves back a model that a crash left moved aside (see `replace_directory`), if `target` is missing."""
+    if target.exists() or target.is_symlink():
+        return None
+    retired = sorted(target.parent.glob(f".{target.name}.*.retired"), key=lambda path: path.stat().st_mtime)
+    if not retired:
+        return None
+    retired[-1].rename(target)
+    return target

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from export import graphs, parity, probes
-from export.files import replace_directory
+from export.files import replace_directory, restore_retired
 from models.manifest import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
@@ -167,6 +167,8 @@ def export_model(
     formats = parse_formats(formats)
     check_name(name)
     repository.mkdir(parents=True, exist_ok=True)
+    if restore_retired(repository / name) and progress is not None:
+        progress(f"restored {name} from an export that was interrupted while swapping it in")
     for leftover in repository.glob(f".{name}.staging-*"):
         # Left by a killed export; a young one may belong to an export still running, so it stays.
         if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:

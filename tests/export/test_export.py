@@ -265,7 +265,12 @@ def test_re_export_replaces_the_directory(tmp_path):
     loaded = zoo.load_demo()
     pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx", "onnx-int8"])
     (tmp_path / "demo" / "stale.txt").write_text("from an older export")
-    result = pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"])
+    # As a crash between the fallback's two renames leaves it: the old model moved aside, none in place.
+    (tmp_path / "demo").rename(tmp_path / ".demo.0badc0de.retired")
+    said: list[str] = []
+    result = pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"], progress=said.append)
+    assert "restored demo from an export that was interrupted while swapping it in" in said
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
     assert sorted(p.name for p in result.directory.iterdir()) == [
         "image.onnx",
         "manifest.json",

@@ -1,0 +1,84 @@
+"""Swapping a model directory in: the atomic Linux path, the two-rename fallback, and recovery after a crash."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from export import files
+
+
+def _model(path: Path, content: str) -> Path:
+    path.mkdir()
+    (path / "manifest.json").write_text(content)
+    (path / f"{content}.onnx").write_text(content)
+    return path
+
+
+def _contents(path: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in path.iterdir()}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2 is Linux's")
+def test_on_linux_the_directories_are_swapped_in_one_step(tmp_path, monkeypatch):
+    target = _model(tmp_path / "demo", "old")
+    swaps = []
+    real_exchange = files._exchange
+
+    def counting(first: Path, second: Path) -> bool:
+        swapped = real_exchange(first, second)
+        swaps.append(swapped)
+        return swapped
+
+    monkeypatch.setattr(files, "_exchange", counting)
+    files.replace_directory(_model(tmp_path / ".demo.staging-1", "new"), target)
+    assert swaps == [True]  # the atomic path, not the two-rename fallback
+    assert _contents(target) == {"manifest.json": "new", "new.onnx": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # the old model is gone, nothing left over
+    assert oct(target.stat().st_mode & 0o777) == "0o755"
+
+
+def test_without_an_atomic_swap_two_renames_do_the_job(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda first, second: False)  # another OS or filesystem
+    target = _model(tmp_path / "demo", "old")
+    files.replace_directory(_model(tmp_path / ".demo.staging-1", "new"), target)
+    assert _contents(target) == {"manifest.json": "new", "new.onnx": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_failed_second_rename_puts_the_old_model_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda first, second: False)
+    target = _model(tmp_path / "demo", "old")
+    staging = _model(tmp_path / ".demo.staging-1", "new")
+    real_rename = Path.rename
+
+    def failing(self: Path, to: Path) -> Path:
+        if self == staging:
+            raise OSError("disk pulled")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="disk pulled"):
+        files.replace_directory(staging, target)
+    assert _contents(target) == {"manifest.json": "old", "old.onnx": "old"}
+
+
+def test_a_model_left_aside_by_a_crash_is_restored(tmp_path):
+    # What a process killed between the fallback's two renames leaves: no model, the old one moved aside.
+    retired = _model(tmp_path / ".demo.1a2b3c4d.retired", "old")
+    target = tmp_path / "demo"
+    assert files.restore_retired(target) == target
+    assert _contents(target) == {"manifest.json": "old", "old.onnx": "old"} and not retired.exists()
+    assert files.restore_retired(target) is None  # present now: nothing to do
+    assert files.restore_retired(tmp_path / "other") is None  # nothing aside for it
+
+
+def test_an_exchange_error_other_than_unsupported_is_raised(tmp_path):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux's")
+    with pytest.raises(FileNotFoundError):
+        files._exchange(tmp_path / "missing", _model(tmp_path / "demo", "old"))
+    assert os.path.isdir(tmp_path / "demo")
