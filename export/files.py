@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 
 _AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 _RENAME_EXCHANGE = 2  # <linux/fs.h>
+RETIRED_ID_LENGTH = 8
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -28,7 +30,9 @@ def _exchange(first: Path, second: Path) -> bool:
     if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+    # Unsupported here (EPERM: some seccomp sandboxes refuse the call outright); a real permission problem
+    # resurfaces in the fallback's own renames.
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
         return False
     raise OSError(code, os.strerror(code), str(first), None, str(second))
 
@@ -57,22 +61,37 @@ def replace_directory(staging: Path, target: Path) -> None:
     if _exchange(staging, target):
         _remove(staging)  # now the old model
         return
-    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.retired")
+    retired = target.with_name(f".{target.name}.{uuid.uuid4().hex[:RETIRED_ID_LENGTH]}.retired")
     target.rename(retired)
     try:
         staging.rename(target)
     except BaseException:
         retired.rename(target)
         raise
-    _remove(retired)
+    # Renamed before deleting, so a crash halfway through the deletion cannot leave a partial copy that
+    # `restore_retired` would take for a whole one.
+    doomed = retired.with_name(retired.name.removesuffix(".retired") + ".deleting")
+    retired.rename(doomed)
+    _remove(doomed)
 
 
-def restore_retired(target: Path) -> Path | None:
-    """Moves back a model that a crash left moved aside (see `replace_directory`), if `target` is missing."""
+def restore_retired(target: Path, must_contain: str) -> Path | None:
+    """Moves back a model that a crash left aside (see `replace_directory`), if `target` is missing.
+
+    Only `.<target name>.<8 hex digits>.retired` directories holding `must_contain` qualify: names may contain
+    dots, so a looser pattern for "clip" would pick up "clip.v2"'s leftovers, and a copy whose deletion was
+    under way when the crash came may be incomplete.
+    """
     if target.exists() or target.is_symlink():
         return None
-    retired = sorted(target.parent.glob(f".{target.name}.*.retired"), key=lambda path: path.stat().st_mtime)
-    if not retired:
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[0-9a-f]{{{RETIRED_ID_LENGTH}}}\.retired")
+    candidates = [
+        path
+        for path in target.parent.iterdir()
+        if pattern.fullmatch(path.name) and path.is_dir() and (path / must_contain).is_file()
+    ]
+    if not candidates:
         return None
-    retired[-1].rename(target)
+    newest = max(candidates, key=lambda path: path.stat().st_mtime)
+    newest.rename(target)
     return target

@@ -167,7 +167,7 @@ def export_model(
     formats = parse_formats(formats)
     check_name(name)
     repository.mkdir(parents=True, exist_ok=True)
-    if restore_retired(repository / name) and progress is not None:
+    if restore_retired(repository / name, must_contain=MANIFEST_FILE) and progress is not None:
         progress(f"restored {name} from an export that was interrupted while swapping it in")
     for leftover in repository.glob(f".{name}.staging-*"):
         # Left by a killed export; a young one may belong to an export still running, so it stays.

@@ -70,10 +70,20 @@ def test_a_model_left_aside_by_a_crash_is_restored(tmp_path):
     # What a process killed between the fallback's two renames leaves: no model, the old one moved aside.
     retired = _model(tmp_path / ".demo.1a2b3c4d.retired", "old")
     target = tmp_path / "demo"
-    assert files.restore_retired(target) == target
+    assert files.restore_retired(target, must_contain="manifest.json") == target
     assert _contents(target) == {"manifest.json": "old", "old.onnx": "old"} and not retired.exists()
-    assert files.restore_retired(target) is None  # present now: nothing to do
-    assert files.restore_retired(tmp_path / "other") is None  # nothing aside for it
+    assert files.restore_retired(target, must_contain="manifest.json") is None  # present now: nothing to do
+    assert files.restore_retired(tmp_path / "other", must_contain="manifest.json") is None  # nothing aside for it
+
+
+def test_only_a_complete_copy_of_the_same_model_is_restored(tmp_path):
+    # Names may contain dots: "clip.v2"'s leftover must not become "clip".
+    _model(tmp_path / ".clip.v2.1a2b3c4d.retired", "clip v2")
+    # A copy whose deletion was under way when the crash came: its manifest is already gone.
+    (tmp_path / ".clip.0badc0de.retired").mkdir()
+    (tmp_path / ".clip.0badc0de.retired" / "image.onnx").write_text("half")
+    assert files.restore_retired(tmp_path / "clip", must_contain="manifest.json") is None
+    assert not (tmp_path / "clip").exists()
 
 
 def test_an_exchange_error_other_than_unsupported_is_raised(tmp_path):
