@@ -31,6 +31,18 @@ def load_cudart() -> ModuleType:
     return runtime
 
 
+def _cuda_versions(cudart: ModuleType) -> str:
+    """ "runtime 13.0, driver 12.4": what a version mismatch between the bindings and the driver looks like."""
+
+    def version(call: Any) -> str:
+        error, value = call()
+        if error != cudart.cudaError_t.cudaSuccess or not value:
+            return "none"
+        return f"{value // 1000}.{value % 1000 // 10}"
+
+    return f"runtime {version(cudart.cudaRuntimeGetVersion)}, driver {version(cudart.cudaDriverGetVersion)}"
+
+
 def _check(cudart: ModuleType, what: str, result: tuple[Any, ...]) -> Any:
     """The value(s) of a cuda-bindings call, or an EngineError naming the call and CUDA's own explanation."""
     error, *values = result
@@ -38,8 +50,15 @@ def _check(cudart: ModuleType, what: str, result: tuple[Any, ...]) -> Any:
         _, name = cudart.cudaGetErrorName(error)
         _, text = cudart.cudaGetErrorString(error)
         hint = ""
-        if error in (cudart.cudaError_t.cudaErrorNoDevice, cudart.cudaError_t.cudaErrorInsufficientDriver):
-            hint = "; the TensorRT engine needs an NVIDIA GPU and its driver, else use CLIPSERVE_ENGINE=onnxruntime"
+        if error == cudart.cudaError_t.cudaErrorNoDevice:
+            hint = "; the TensorRT engine needs an NVIDIA GPU, else use CLIPSERVE_ENGINE=onnxruntime"
+        elif error == cudart.cudaError_t.cudaErrorInsufficientDriver:
+            # No driver at all, or one older than the CUDA major that these bindings were built for.
+            hint = (
+                f" (CUDA {_cuda_versions(cudart)}); the TensorRT engine needs an NVIDIA GPU and a driver at least as "
+                "new as the runtime: install the cuda-bindings major version that matches the driver (e.g. "
+                "'cuda-bindings<13' for a CUDA 12 driver), or use CLIPSERVE_ENGINE=onnxruntime"
+            )
         raise EngineError(f"CUDA {what} failed: {name.decode()} ({text.decode()}){hint}")
     if not values:
         return None

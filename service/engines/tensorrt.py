@@ -94,6 +94,17 @@ class TensorRTEngine:
         self.max_batch_size: int | None = max_batch_size
         # Memory first: the CUDA runtime then holds the device's primary context, which TensorRT picks up and shares.
         self._memory = memory if memory is not None else CudaRuntimeMemory()
+        try:
+            self._load(trt, plan_path, input_name)
+        except BaseException:
+            self._memory.close()  # its stream and buffers would otherwise outlive the failed engine
+            raise
+        # An execution context holds per-call shapes and addresses: one call at a time.
+        self._lock = threading.Lock()
+        what = f"{precision} " if precision else ""
+        self.description = f"tensorrt {trt.__version__} {what}{plan_path.parent.name}/{plan_path.name}"
+
+    def _load(self, trt: ModuleType, plan_path: Path, input_name: str) -> None:
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         # The runtime must outlive the engine it deserialized, so it is kept.
         self._runtime = trt.Runtime(self._trt_logger)
@@ -114,10 +125,6 @@ class TensorRTEngine:
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise EngineError(f"TensorRT could not create an execution context for {plan_path} (out of GPU memory?)")
-        # An execution context holds per-call shapes and addresses: one call at a time.
-        self._lock = threading.Lock()
-        what = f"{precision} " if precision else ""
-        self.description = f"tensorrt {trt.__version__} {what}{plan_path.parent.name}/{plan_path.name}"
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         step = self.max_batch_size or len(inputs)
@@ -149,7 +156,8 @@ class TensorRTEngine:
 
     def close(self) -> None:
         with self._lock:
+            # Memory first: closing it waits for the stream, so no work is in flight when the context goes.
+            self._memory.close()
             self._context = None
             self._engine = None
             self._runtime = None
-            self._memory.close()

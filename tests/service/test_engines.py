@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import enum
 import itertools
 import shutil
 import subprocess
@@ -619,6 +621,110 @@ def test_factory_builds_tensorrt_engines_from_the_matching_build(
     monkeypatch.setattr(cuda_runtime, "compute_capability", lambda device=0: "8.6")
     with pytest.raises(EngineError, match="only valid on the GPU family"):
         build_engines(Settings(engine="tensorrt"), with_plans, tmp_path)
+
+
+class FakeCudart:
+    """faked: no GPU here. The slice of `cuda.bindings.runtime` that CudaRuntimeMemory calls, with the same
+    `(error, *values)` returns, on host memory (ctypes buffers stand in for device allocations)."""
+
+    class cudaError_t(enum.IntEnum):
+        cudaSuccess = 0
+        cudaErrorMemoryAllocation = 2
+        cudaErrorInsufficientDriver = 35
+        cudaErrorNoDevice = 100
+
+    class cudaMemcpyKind(enum.IntEnum):
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.allocations: dict[int, ctypes.Array] = {}
+        self.out_of_memory = False
+        ok = self.cudaError_t.cudaSuccess
+        self.cudaSetDevice = self._logged("cudaSetDevice", lambda device: (ok,))
+        self.cudaStreamCreate = self._logged("cudaStreamCreate", lambda: (ok, 77))
+        self.cudaStreamSynchronize = self._logged("cudaStreamSynchronize", lambda stream: (ok,))
+        self.cudaStreamDestroy = self._logged("cudaStreamDestroy", lambda stream: (ok,))
+        self.cudaFree = self._logged("cudaFree", lambda address: (ok, self.allocations.pop(address))[:1])
+        self.cudaMemcpyAsync = self._logged("cudaMemcpyAsync", self._memcpy)
+        self.cudaMalloc = self._logged("cudaMalloc", self._malloc)
+        self.cudaRuntimeGetVersion = lambda: (ok, 12040)
+        self.cudaDriverGetVersion = lambda: (ok, 0)
+
+    def _logged(self, name: str, call):
+        def logged(*args):
+            self.calls.append((name, *args))
+            return call(*args)
+
+        return logged
+
+    def _malloc(self, nbytes: int) -> tuple:
+        if self.out_of_memory:
+            return (self.cudaError_t.cudaErrorMemoryAllocation, 0)
+        buffer = ctypes.create_string_buffer(nbytes)
+        self.allocations[ctypes.addressof(buffer)] = buffer
+        return (self.cudaError_t.cudaSuccess, ctypes.addressof(buffer))
+
+    def _memcpy(self, destination: int, source: int, count: int, kind, stream) -> tuple:
+        ctypes.memmove(destination, source, count)
+        return (self.cudaError_t.cudaSuccess,)
+
+    def cudaGetErrorName(self, error) -> tuple:
+        return (self.cudaError_t.cudaSuccess, error.name.encode())
+
+    def cudaGetErrorString(self, error) -> tuple:
+        return (self.cudaError_t.cudaSuccess, b"out of memory")
+
+    def names(self) -> list[str]:
+        return [call[0] for call in self.calls]
+
+
+@pytest.fixture
+def fake_cudart(monkeypatch) -> FakeCudart:
+    cudart = FakeCudart()
+    monkeypatch.setattr(cuda_runtime, "load_cudart", lambda: cudart)
+    return cudart
+
+
+def test_cuda_memory_reuses_buffers_and_frees_the_old_one_only_after_the_stream_is_done(fake_cudart):
+    memory = cuda_runtime.CudaRuntimeMemory()
+    assert memory.stream_handle == 77
+    first = memory.buffer("input", 64)
+    assert memory.buffer("input", 32) == first and fake_cudart.names().count("cudaMalloc") == 1  # reused
+    host = np.arange(16, dtype=np.float32)
+    memory.copy_in(first, host)
+    back = np.zeros_like(host)
+    memory.copy_out(first, back)
+    np.testing.assert_array_equal(back, host)
+    assert fake_cudart.names()[-2:] == ["cudaMemcpyAsync", "cudaStreamSynchronize"]  # copy_out waits for it
+
+    fake_cudart.calls.clear()
+    grown = memory.buffer("input", 128)
+    assert fake_cudart.calls == [("cudaStreamSynchronize", 77), ("cudaFree", first), ("cudaMalloc", 128)]
+    output = memory.buffer("output", 8)
+    fake_cudart.calls.clear()
+    memory.close()
+    assert fake_cudart.names() == ["cudaStreamSynchronize", "cudaFree", "cudaFree", "cudaStreamDestroy"]
+    assert sorted(call[1] for call in fake_cudart.calls if call[0] == "cudaFree") == sorted([grown, output])
+    assert fake_cudart.allocations == {}  # everything handed back
+    memory.close()
+    assert fake_cudart.names().count("cudaStreamDestroy") == 1  # a second close does nothing
+
+
+def test_cuda_errors_name_the_call_and_cuda_s_reason(fake_cudart):
+    memory = cuda_runtime.CudaRuntimeMemory()
+    fake_cudart.out_of_memory = True
+    with pytest.raises(EngineError, match=r"CUDA cudaMalloc failed: cudaErrorMemoryAllocation \(out of memory\)$"):
+        memory.buffer("input", 1 << 40)
+
+
+def test_a_tensorrt_engine_that_fails_to_load_closes_its_memory(fake_trt, device_memory, tmp_path):
+    plan = tmp_path / "image.plan"
+    plan.write_bytes(b"built on another GPU")
+    with pytest.raises(EngineError, match="could not deserialize"):
+        TensorRTEngine(plan, "image", input_name="pixels", max_batch_size=8, memory=device_memory)
+    assert device_memory.closed
 
 
 def test_cuda_memory_without_the_bindings_says_how_to_install_them(monkeypatch):
