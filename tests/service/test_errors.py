@@ -155,6 +155,7 @@ class _Gate:
     def __init__(self) -> None:
         self.closed = threading.Event()
         self.opened = threading.Event()
+        self.held = threading.Event()  # an engine call is waiting at the closed gate
 
     def close(self) -> None:
         self.opened.clear()
@@ -173,6 +174,7 @@ def image_gate(monkeypatch):
 
     def gated(self, inputs: np.ndarray) -> np.ndarray:
         if self.role == "image" and gate.closed.is_set():
+            gate.held.set()
             gate.opened.wait(timeout=30)
         return real_call(self, inputs)
 
@@ -188,9 +190,12 @@ async def test_overload_is_a_503_with_retry_after(image_gate):
         body = {"images": [b64(shape_png())], "labels": LABELS}
         await _still_serving(client)  # label vectors cached: only the image engine is in the way
         image_gate.close()
-        tasks = [asyncio.create_task(client.post("/classify", json=body)) for _ in range(8)]
-        # Open the gate once all eight have been answered or queued (polled, not a fixed sleep: a loaded
-        # machine may take longer to get them in, and an early opening would let a late one through).
+        # One request first, held in the engine; only then the other seven. Sent together, they could all reach
+        # the queue before the worker takes one out, and the split would be 2 served and 6 refused.
+        tasks = [asyncio.create_task(client.post("/classify", json=body))]
+        assert await asyncio.to_thread(image_gate.held.wait, 30)
+        tasks += [asyncio.create_task(client.post("/classify", json=body)) for _ in range(7)]
+        # Two fit in the queue; wait (polling, not a fixed sleep) until the other five have been refused.
         refused = {"engine": "image", "reason": "queue_full"}
         for _ in range(600):
             if app.state.metrics.value("clipserve_rejected_total", refused) >= 5:
