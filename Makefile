@@ -5,10 +5,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
 HOST ?= 127.0.0.1
+# make loadtest: the server to load, Locust users, how long, where the CSV, HTML and summary go.
+URL ?= http://127.0.0.1:$(PORT)
+USERS ?= 16
+DURATION ?= 60s
+OUT ?= loadtests/results
 # torch and torchvision are pinned by the `export` extra; pip takes them from this machine's wheel cache.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test test-all lint train-demo eval-demo export-demo clean
+.PHONY: serve test test-all test-docker lint loadtest train-demo eval-demo export-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +21,18 @@ $(BIN)/python:
 
 # Slim serving install: no torch, no export toolchain.
 $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e '.[cpu]'
 	touch $@
+
+# Locust for load tests against a running server; no torch.
+$(VENV)/.loadtest-installed: pyproject.toml | $(BIN)/python
+	$(PIP) -e '.[cpu,loadtest]'
+	touch $@ $(VENV)/.serve-installed
 
 # Everything the tests use: export toolchain (torch, open_clip, onnx, transformers) and dev tools.
 $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
-	$(PIP) -e '.[export,dev]'
-	touch $@ $(VENV)/.serve-installed
+	$(PIP) -e '.[cpu,export,dev]'
+	touch $@ $(VENV)/.serve-installed $(VENV)/.loadtest-installed
 
 serve: $(VENV)/.serve-installed
 	$(BIN)/clipserve serve --host $(HOST) --port $(PORT)
@@ -32,6 +42,15 @@ test: $(VENV)/.test-installed
 
 test-all: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m ''
+
+# Builds the cpu image and runs it and the compose stack on a private Docker engine with stand-in base images
+# (tests/deploy/docker_harness.py). Needs root and Debian's docker.io, docker-compose and debootstrap.
+test-docker: $(VENV)/.test-installed
+	CLIPSERVE_REQUIRE_DOCKER=1 $(BIN)/python -m pytest -m docker -s tests/deploy/test_docker.py
+
+# Headless Locust against a running server (make serve, a container, a cluster): make loadtest URL=http://host:8000
+loadtest: $(VENV)/.loadtest-installed
+	$(BIN)/python -m loadtests.run --host $(URL) --users $(USERS) --run-time $(DURATION) --out $(OUT) $(ARGS)
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

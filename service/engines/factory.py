@@ -40,7 +40,17 @@ def build_engines(settings: Settings, manifest: Manifest, model_dir: Path) -> En
     text: Engine
     match settings.engine:
         case "onnxruntime":
-            from service.engines.onnxruntime import OnnxRuntimeEngine
+            try:
+                from service.engines.onnxruntime import OnnxRuntimeEngine
+            except ImportError as error:
+                if error.name != "onnxruntime":
+                    raise
+                # Neither ONNX Runtime build is a base dependency (they overwrite each other): an install
+                # without the `cpu` or `gpu` extra has none.
+                raise EngineError(
+                    "ONNX Runtime is not installed: install clipserve with the extra for this machine, "
+                    "pip install 'clipserve[cpu]' (or 'clipserve[gpu]' on NVIDIA GPU nodes)"
+                ) from error
 
             image, text = (
                 OnnxRuntimeEngine(

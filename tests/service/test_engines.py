@@ -780,3 +780,12 @@ def test_onnxruntime_and_factory_import_without_torch_or_tensorrt():
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert result.returncode == 0, result.stderr
         assert result.stdout.strip() == expected
+
+
+def test_an_install_without_onnxruntime_names_the_extra_to_install(monkeypatch):
+    """`pip install clipserve` without `[cpu]` or `[gpu]` has no ONNX Runtime: say which extra, not ImportError."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # importing it now raises ImportError(name="onnxruntime")
+    monkeypatch.delitem(sys.modules, "service.engines.onnxruntime", raising=False)
+    manifest = load_manifest(REPOSITORY_DIR / EXPORT_NAME)
+    with pytest.raises(EngineError, match=r"pip install 'clipserve\[cpu\]'"):
+        build_engines(Settings(), manifest, REPOSITORY_DIR / EXPORT_NAME)
