@@ -18,7 +18,9 @@ Precision = Literal["fp32", "fp16", "int8"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_", extra="ignore", frozen=True)
+    # An empty variable means unset: compose files and Kubernetes manifests pass `CLIPSERVE_MODEL=` through
+    # when the user set nothing, and that must select the default, not a model named "".
+    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_", extra="ignore", frozen=True, env_ignore_empty=True)
 
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
