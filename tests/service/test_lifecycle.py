@@ -96,7 +96,8 @@ def test_a_client_that_disconnects_does_not_keep_its_slot(monkeypatch):
 
 
 def test_model_selection_from_the_repository(tmp_path):
-    from service.model import ModelNotFoundError, model_directory
+    from models.repository import ModelNotFoundError
+    from service.model import model_directory
     from service.settings import Settings
 
     assert model_directory(Settings()) == REPOSITORY_DIR / EXPORT_NAME
