@@ -146,5 +146,49 @@ def _load(zoo, model, pretrained, checkpoint, hf_dir, demo, model_config):  # ty
     return zoo.load_open_clip(model, pretrained), None
 
 
+def build_engines_command(
+    repository: Path | None = typer.Option(
+        None, envvar=REPOSITORY_ENV, help="Model repository (default: the built-in demo repository, as the service)."
+    ),
+    model: str | None = typer.Option(
+        None, envvar="CLIPSERVE_MODEL", help="Model name in it (default: the only model there, as the service)."
+    ),
+    precision: str = typer.Option("fp16", envvar="CLIPSERVE_TRT_PRECISION", help="fp16, bf16 or fp32."),
+    max_batch_size: int = typer.Option(
+        32, envvar="CLIPSERVE_MAX_BATCH_SIZE", help="The service's max batch: the batch TensorRT optimises for."
+    ),
+    trt_max_batch: int = typer.Option(64, help="Largest batch the engines accept."),
+    timing_cache: Path | None = typer.Option(None, help="TensorRT timing cache file (read and updated)."),
+) -> None:
+    """Build TensorRT plans for this machine's GPU into an exported model, unless it already has them.
+
+    The gpu image runs this before serving: plans only load on the GPU family and TensorRT release that built
+    them, so they are built on the node, once, and kept next to the model on its volume.
+    """
+    from export.tensorrt_build import EngineBuildError, NoGpuError, TensorRTUnavailableError
+    from export.tensorrt_plans import PlanDirectoryError, TensorRTOptions, ensure_plans
+    from models.manifest import ManifestError
+    from models.repository import ModelNotFoundError, model_directory
+
+    options = TensorRTOptions(
+        precision=precision,
+        opt_batch=max_batch_size,
+        max_batch=max(trt_max_batch, max_batch_size),
+        timing_cache=timing_cache,
+    )
+    try:
+        directory = model_directory(repository or None, model or None)  # empty variables mean unset
+        build, built = ensure_plans(directory, options, progress=_echo)
+    except (ModelNotFoundError, ManifestError, TensorRTUnavailableError, NoGpuError, PlanDirectoryError) as error:
+        _echo(f"error: {error}")
+        raise typer.Exit(2) from error
+    except EngineBuildError as error:
+        _echo(f"error: {error}")
+        raise typer.Exit(1) from error
+    state = "built" if built else "found"
+    _echo(f"{state} TensorRT plans {directory / build.directory} ({build.gpu_name}, {build.precision})")
+
+
 def register(app: typer.Typer) -> None:
     app.command("export")(export_command)
+    app.command("build-engines")(build_engines_command)

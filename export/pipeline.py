@@ -25,6 +25,8 @@ import numpy as np
 
 from export import graphs, parity, probes
 from export.files import replace_directory, restore_retired
+from export.tensorrt_build import EngineSpec
+from export.tensorrt_plans import TensorRTOptions, build_and_record
 from models.manifest import (
     MANIFEST_FILE,
     TOKENIZER_FILE,
@@ -55,15 +57,6 @@ _LOCAL_PATH_KEYS = ("path", "directory")
 
 Progress = Callable[[str], None]
 STALE_STAGING_S = 24 * 3600
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    precision: str = "fp16"
-    opt_batch: int = 32  # the service's configured max batch size
-    max_batch: int = 64
-    timing_cache: Path | None = None
-    workspace_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -230,8 +223,12 @@ class _Export:
         artifacts.append(_artifact(self.staging, TOKENIZER_FILE, "tokenizer", "tokenizer", None))
         engines: list[TensorRTBuild] = []
         if "tensorrt" in formats:
+            engine_specs = [
+                EngineSpec(role, self.staging / graph_file(role, "fp32"), spec.input_name, spec.sample_shape)
+                for role, spec in self.specs.items()
+            ]
             with self.steps.step("TensorRT engines"):
-                build, plans = _build_tensorrt(self.staging, self.specs, tensorrt or TensorRTOptions())
+                build, plans = build_and_record(self.staging, engine_specs, tensorrt or TensorRTOptions())
             engines.append(build)
             artifacts.extend(plans)
         manifest = self._manifest(name, artifacts, engines, checks)
@@ -301,44 +298,3 @@ class _Export:
                 checks=tuple(checks),
             ),
         )
-
-
-def _build_tensorrt(
-    staging: Path, specs: dict[str, graphs.GraphSpec], options: TensorRTOptions
-) -> tuple[TensorRTBuild, list[Artifact]]:
-    from export import tensorrt_build as trt_build
-
-    engine_specs = [
-        trt_build.EngineSpec(role, staging / graph_file(role, "fp32"), spec.input_name, spec.sample_shape)
-        for role, spec in specs.items()
-    ]
-    build = trt_build.build_engines(
-        engine_specs,
-        staging,
-        precision=options.precision,
-        opt_batch=options.opt_batch,
-        max_batch=options.max_batch,
-        timing_cache_path=options.timing_cache,
-        workspace_bytes=options.workspace_bytes,
-    )
-    record = TensorRTBuild(
-        directory=build.directory,
-        gpu_name=build.gpu.name,
-        compute_capability=build.gpu.compute_capability,
-        tensorrt_version=build.tensorrt_version,
-        precision=build.precision,  # type: ignore[arg-type]
-        min_batch=build.min_batch,
-        opt_batch=build.opt_batch,
-        max_batch=build.max_batch,
-    )
-    plans = [
-        _artifact(
-            staging,
-            engine.plan_path.relative_to(staging.resolve()).as_posix(),
-            engine.role,
-            "tensorrt",
-            build.precision,
-        )
-        for engine in build.engines
-    ]
-    return record, plans

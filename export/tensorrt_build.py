@@ -111,16 +111,43 @@ class GpuInfo:
         return f"sm{major}{minor}"
 
 
+_NO_GPU_HINT = (
+    "TensorRT engines are built on, and only run on, the NVIDIA GPU family they are built for; run the TensorRT "
+    "build on a GPU machine, or use the ONNX formats (onnx, onnx-fp16, onnx-int8), which need no GPU."
+)
+
+
 def current_gpu(device: int = 0) -> GpuInfo:
-    """Describe CUDA device `device` via torch (present at export time, unlike on the slim serving install)."""
+    """Describe CUDA device `device` through NVIDIA's CUDA Python bindings, else through torch.
+
+    The GPU image has cuda-bindings (the TensorRT engine's dependency) and no torch; an export machine may have
+    torch only.
+    """
+    try:
+        from cuda.bindings import runtime
+    except (ImportError, OSError):
+        return _current_gpu_from_torch(device)
+    ok = runtime.cudaError_t.cudaSuccess
+    error, count = runtime.cudaGetDeviceCount()
+    if error != ok:
+        _, reason = runtime.cudaGetErrorString(error)
+        reason = reason.decode() if isinstance(reason, bytes) else str(reason)
+        raise NoGpuError(f"No CUDA GPU is visible (CUDA runtime: {reason}). {_NO_GPU_HINT}")
+    if count <= device:
+        raise NoGpuError(f"CUDA device {device} does not exist ({count} visible). {_NO_GPU_HINT}")
+    error, properties = runtime.cudaGetDeviceProperties(device)
+    if error != ok:
+        raise NoGpuError(f"cudaGetDeviceProperties({device}) failed ({error}). {_NO_GPU_HINT}")
+    name = properties.name  # char[256] on the C side: bytes with trailing NULs in the bindings
+    name = name.split(b"\0", 1)[0].decode() if isinstance(name, bytes) else str(name)
+    return GpuInfo(name=name, compute_capability=f"{properties.major}.{properties.minor}")
+
+
+def _current_gpu_from_torch(device: int) -> GpuInfo:
     import torch
 
     if not torch.cuda.is_available():
-        raise NoGpuError(
-            "No CUDA GPU is visible (torch.cuda.is_available() is False). TensorRT engines are built on, and "
-            "only run on, the NVIDIA GPU family they are built for; run the TensorRT export on a GPU machine, "
-            "or use the ONNX formats (onnx, onnx-fp16, onnx-int8), which need no GPU."
-        )
+        raise NoGpuError(f"No CUDA GPU is visible (torch.cuda.is_available() is False). {_NO_GPU_HINT}")
     major, minor = torch.cuda.get_device_capability(device)
     return GpuInfo(name=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
 

@@ -606,18 +606,50 @@ def test_load_tensorrt_returns_the_module(monkeypatch: pytest.MonkeyPatch):
     assert load_tensorrt() is module
 
 
+def _without_cuda_bindings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # importing it now raises ImportError
+
+
 def test_current_gpu_without_cuda_raises_no_gpu_error(monkeypatch: pytest.MonkeyPatch):
     torch = pytest.importorskip("torch")
+    _without_cuda_bindings(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(NoGpuError, match=r"torch\.cuda\.is_available\(\) is False"):
         current_gpu()
 
 
-def test_current_gpu_reads_name_and_capability(monkeypatch: pytest.MonkeyPatch):
+def test_current_gpu_reads_name_and_capability_from_torch_without_cuda_bindings(monkeypatch: pytest.MonkeyPatch):
     fake_cuda = types.SimpleNamespace(
         is_available=lambda: True,
         get_device_name=lambda device: "NVIDIA H200",
         get_device_capability=lambda device: (9, 0),
     )
+    _without_cuda_bindings(monkeypatch)
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=fake_cuda))
+    assert current_gpu() == H200
+
+
+def test_current_gpu_through_the_real_cuda_bindings_without_a_gpu():
+    """The real cuda-bindings (a dev dependency) on this GPU-less machine: a clear NoGpuError, no torch needed."""
+    pytest.importorskip("cuda.bindings.runtime")
+    with pytest.raises(NoGpuError, match=r"No CUDA GPU is visible \(CUDA runtime: .+\)\. TensorRT engines are built"):
+        current_gpu()
+
+
+def test_current_gpu_reads_the_device_properties_from_cuda_bindings(monkeypatch: pytest.MonkeyPatch):
+    """faked: no GPU here; the fake returns what cuda-bindings' cudaGetDeviceProperties does on an H200."""
+    success = object()
+    runtime = types.SimpleNamespace(
+        cudaError_t=types.SimpleNamespace(cudaSuccess=success),
+        cudaGetDeviceCount=lambda: (success, 1),
+        cudaGetDeviceProperties=lambda device: (
+            success,
+            types.SimpleNamespace(name=b"NVIDIA H200" + b"\0" * 245, major=9, minor=0),
+        ),
+    )
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime = runtime  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
+    monkeypatch.setitem(sys.modules, "torch", None)  # the GPU image has no torch
     assert current_gpu() == H200
