@@ -153,7 +153,9 @@ def build_engines_command(
     model: str | None = typer.Option(
         None, envvar="CLIPSERVE_MODEL", help="Model name in it (default: the only model there, as the service)."
     ),
-    precision: str = typer.Option("fp16", envvar="CLIPSERVE_TRT_PRECISION", help="fp16, bf16 or fp32."),
+    precision: str = typer.Option(
+        "fp16", envvar="CLIPSERVE_TENSORRT_PRECISION", help="Precision of the plans: fp16, bf16 (Ampere+) or fp32."
+    ),
     max_batch_size: int = typer.Option(
         32, envvar="CLIPSERVE_MAX_BATCH_SIZE", help="The service's max batch: the batch TensorRT optimises for."
     ),
@@ -165,11 +167,13 @@ def build_engines_command(
     The gpu image runs this before serving: plans only load on the GPU family and TensorRT release that built
     them, so they are built on the node, once, and kept next to the model on its volume.
     """
-    from export.tensorrt_build import EngineBuildError, NoGpuError, TensorRTUnavailableError
+    from export.tensorrt_build import PRECISIONS, EngineBuildError, NoGpuError, TensorRTUnavailableError
     from export.tensorrt_plans import PlanDirectoryError, TensorRTOptions, ensure_plans
     from models.manifest import ManifestError
     from models.repository import ModelNotFoundError, model_directory
 
+    if precision not in PRECISIONS:
+        raise typer.BadParameter(f"{precision!r}: choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
     options = TensorRTOptions(
         precision=precision,
         opt_batch=max_batch_size,
@@ -179,10 +183,19 @@ def build_engines_command(
     try:
         directory = model_directory(repository or None, model or None)  # empty variables mean unset
         build, built = ensure_plans(directory, options, progress=_echo)
-    except (ModelNotFoundError, ManifestError, TensorRTUnavailableError, NoGpuError, PlanDirectoryError) as error:
+    # What this machine or model cannot do; ValueError: a precision the GPU or TensorRT release lacks (bf16 before
+    # Ampere). Exit 2, like a missing TensorRT, so the entrypoint stops with the reason instead of a traceback.
+    except (
+        ModelNotFoundError,
+        ManifestError,
+        TensorRTUnavailableError,
+        NoGpuError,
+        PlanDirectoryError,
+        ValueError,
+    ) as error:
         _echo(f"error: {error}")
         raise typer.Exit(2) from error
-    except EngineBuildError as error:
+    except (EngineBuildError, OSError) as error:  # the build itself failed, or writing its plans (disk full)
         _echo(f"error: {error}")
         raise typer.Exit(1) from error
     state = "built" if built else "found"

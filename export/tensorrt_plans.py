@@ -6,10 +6,12 @@ entrypoint, into an exported model that has no plans for that GPU yet. Both reco
 `TensorRTBuild` and one plan artifact per tower, so the service's TensorRT engine finds them by GPU family and
 TensorRT version.
 
-`ensure_plans` is the second case. It holds an exclusive lock on the model directory while it checks and builds,
-so replicas that start together on a shared volume build once: the first builds, the others wait and then find
-the plans. The manifest is replaced atomically and re-verified, so a build killed halfway leaves the model as it
-was, and the next start builds again.
+`ensure_plans` is the second case. When the manifest already records plans that fit (this GPU family and TensorRT
+release, the requested precision, a large enough batch), it returns at once and writes nothing, so a read-only
+volume with plans built ahead works, and replicas starting together do not queue. Otherwise it takes an exclusive
+lock on the model directory, looks again, and builds: replicas that start together on a shared volume build
+once, the others wait and then find the plans. The manifest is replaced atomically and re-verified, so a build
+killed halfway leaves the model as it was, and the next start builds again.
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from export import tensorrt_build
-from models.manifest import MANIFEST_FILE, Artifact, Manifest, TensorRTBuild, load_manifest, sha256_file
+from models.manifest import (
+    MANIFEST_FILE,
+    Artifact,
+    Manifest,
+    TensorRTBuild,
+    load_manifest,
+    read_manifest,
+    sha256_file,
+)
 
 LOCK_FILE = ".tensorrt-build.lock"
 ROLES = ("image", "text")
@@ -126,8 +136,15 @@ def _exclusive(directory: Path, progress: Progress) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _matching_build(manifest: Manifest, gpu: tensorrt_build.GpuInfo, version: str) -> TensorRTBuild | None:
-    return next((b for b in manifest.tensorrt if b.runs_on(gpu.compute_capability, version)), None)
+def _fitting_build(
+    manifest: Manifest, gpu: tensorrt_build.GpuInfo, version: str, options: TensorRTOptions
+) -> TensorRTBuild | None:
+    """The recorded build for this GPU family and TensorRT release, if it is what `options` ask for."""
+    for build in manifest.tensorrt:
+        if build.runs_on(gpu.compute_capability, version):
+            fits = build.precision == options.precision and build.max_batch >= options.max_batch
+            return build if fits else None
+    return None
 
 
 def _with_build(manifest: Manifest, record: TensorRTBuild, plans: list[Artifact]) -> Manifest:
@@ -155,22 +172,34 @@ def ensure_plans(
 ) -> tuple[TensorRTBuild, bool]:
     """The model's TensorRT build for this GPU and TensorRT release, built and recorded first when missing.
 
-    Returns the build and whether it was built now. TensorRT and the GPU are looked up before the lock is taken,
-    so a machine without them fails in a second with the reason.
+    Returns the build and whether it was built now. Plans of another precision, or for smaller batches than
+    `options.max_batch`, are rebuilt in place. TensorRT and the GPU are looked up first, so a machine without
+    them fails in a second with the reason.
     """
     progress = progress or (lambda message: None)
     directory = Path(directory)
     trt = trt if trt is not None else tensorrt_build.load_tensorrt()
     gpu = gpu if gpu is not None else tensorrt_build.current_gpu()
     version = str(trt.__version__)
+    # Read, not verified: the service verifies every file when it loads the model, and a start that finds its
+    # plans should neither write (the volume may be read-only) nor wait for other replicas' checks.
+    found = _fitting_build(read_manifest(directory), gpu, version, options)
+    if found is not None:
+        return found, False
     with _exclusive(directory, progress):
-        manifest = load_manifest(directory, verify=True)  # also checks any plans already recorded
-        found = _matching_build(manifest, gpu, version)
+        manifest = load_manifest(directory, verify=True)
+        found = _fitting_build(manifest, gpu, version, options)  # another replica may have built them meanwhile
         if found is not None:
             return found, False
+        stale = next((b for b in manifest.tensorrt if b.runs_on(gpu.compute_capability, version)), None)
+        reason = (
+            f"its plans for this GPU are {stale.precision} for batches up to {stale.max_batch}"
+            if stale is not None
+            else "it has no TensorRT plans for this GPU"
+        )
         progress(
-            f"{manifest.name} has no TensorRT plans for {gpu.name} ({gpu.arch}, TensorRT {version}); building "
-            f"{options.precision} plans for batch 1..{options.max_batch} (minutes, once per GPU family)"
+            f"building {options.precision} plans of {manifest.name} for {gpu.name} ({gpu.arch}, TensorRT {version}) "
+            f"for batches up to {options.max_batch}, because {reason} (minutes, once per GPU family)"
         )
         start = time.perf_counter()
         record, plans = build_and_record(directory, engine_specs(manifest, directory), options, trt=trt, gpu=gpu)

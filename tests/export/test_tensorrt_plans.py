@@ -50,7 +50,7 @@ def test_plans_are_built_once_and_recorded_where_the_service_finds_them(model_di
     assert built and fake.builds == 2  # one plan per tower
     assert build.directory == "tensorrt/sm90-trt10.16.1"
     assert (build.opt_batch, build.max_batch, build.precision) == (8, 16, "fp16")
-    assert any("no TensorRT plans for NVIDIA H200" in m for m in messages)
+    assert any("building fp16 plans" in m and "it has no TensorRT plans for this GPU" in m for m in messages)
 
     manifest = load_manifest(model_dir, verify=True)  # the plans' sha256 are recorded and match
     assert select_build(manifest, "9.0", "10.16.1") == build
@@ -122,6 +122,41 @@ def read_only(directory: Path) -> Iterator[None]:
             directory.chmod(0o755)
 
 
+def test_other_precision_or_larger_batches_rebuild_in_place(model_dir: Path):
+    fake = FakeTensorRT(version="10.16.1")
+    ensure_plans(model_dir, OPTIONS, trt=fake, gpu=H200)
+    messages: list[str] = []
+    bf16, built = ensure_plans(
+        model_dir,
+        TensorRTOptions(precision="bf16", opt_batch=8, max_batch=16),
+        trt=fake,
+        gpu=H200,
+        progress=messages.append,
+    )
+    assert built and bf16.precision == "bf16" and fake.builds == 4
+    assert any("its plans for this GPU are fp16 for batches up to 16" in m for m in messages)
+    bigger, built = ensure_plans(
+        model_dir, TensorRTOptions(precision="bf16", opt_batch=8, max_batch=128), trt=fake, gpu=H200
+    )
+    assert built and bigger.max_batch == 128 and fake.builds == 6
+    smaller, built = ensure_plans(
+        model_dir, TensorRTOptions(precision="bf16", opt_batch=8, max_batch=64), trt=fake, gpu=H200
+    )
+    assert not built and smaller == bigger  # plans for up to 128 serve batches up to 64
+    manifest = load_manifest(model_dir, verify=True)
+    assert manifest.tensorrt == (bigger,)  # one record per directory: the stale one was replaced
+    assert len([a for a in manifest.artifacts if a.format == "tensorrt"]) == 2
+
+
+def test_a_read_only_volume_with_plans_built_ahead_starts(model_dir: Path):
+    fake = FakeTensorRT()
+    build, _ = ensure_plans(model_dir, OPTIONS, trt=fake, gpu=H200)
+    (model_dir / LOCK_FILE).unlink()
+    with read_only(model_dir):
+        assert ensure_plans(model_dir, OPTIONS, trt=fake, gpu=H200) == (build, False)
+    assert fake.builds == 2 and not (model_dir / LOCK_FILE).exists()
+
+
 def test_a_read_only_model_directory_is_explained(model_dir: Path):
     with read_only(model_dir), pytest.raises(PlanDirectoryError, match="must be a writable volume"):
         ensure_plans(model_dir, OPTIONS, trt=FakeTensorRT(), gpu=H200)
@@ -152,6 +187,17 @@ def test_cli_builds_for_the_model_the_service_would_serve(model_dir: Path, monke
     assert second.exit_code == 0 and "found TensorRT plans" in second.output and fake.builds == 2
 
 
+def test_cli_refuses_an_unknown_precision_and_one_the_gpu_lacks(model_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: FakeTensorRT())
+    monkeypatch.setattr(tensorrt_build, "current_gpu", lambda device=0: GpuInfo("Tesla T4", "7.5"))
+    env = {"CLIPSERVE_MODEL_REPOSITORY": str(model_dir.parent)}
+    unknown = _cli(["--precision", "int8"], env)
+    assert unknown.exit_code == 2 and "choose one of fp32, fp16, bf16" in unknown.output
+    too_new = _cli([], {**env, "CLIPSERVE_TENSORRT_PRECISION": "bf16"})
+    assert too_new.exit_code == 2 and "needs an Ampere or newer GPU" in too_new.output
+    assert load_manifest(model_dir).tensorrt == ()
+
+
 def test_cli_without_tensorrt_exits_2_with_the_reason(model_dir: Path):
     try:
         import tensorrt  # noqa: F401
@@ -167,32 +213,74 @@ def test_cli_without_tensorrt_exits_2_with_the_reason(model_dir: Path):
 ENTRYPOINT = ROOT / "deploy" / "docker" / "gpu-entrypoint.sh"
 
 
-def _entrypoint(tmp_path: Path, engine: str, clipserve_exit: int) -> subprocess.CompletedProcess[str]:
-    """The gpu image's entrypoint with a stand-in `clipserve` on PATH that records its arguments."""
+def _entrypoint(
+    tmp_path: Path, engine: str | None, clipserve_exit: int, command: tuple[str, ...] = ("clipserve", "serve")
+) -> subprocess.Popen[str]:
+    """The gpu image's entrypoint with a stand-in `clipserve` on PATH: it records its arguments, and as `serve`
+    prints "serving"; as `build-engines` it exits with `clipserve_exit` (after CLIPSERVE_TEST_BUILD_S seconds)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     stand_in = bin_dir / "clipserve"
-    stand_in.write_text(f'#!/bin/sh\necho "clipserve $*" >> {tmp_path}/calls\nexit {clipserve_exit}\n')
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        f'echo "clipserve $*" >> {tmp_path}/calls\n'
+        'if [ "$1" = serve ]; then echo serving; exit 0; fi\n'
+        'if [ -n "${CLIPSERVE_TEST_BUILD_S:-}" ]; then exec sleep "$CLIPSERVE_TEST_BUILD_S"; fi\n'
+        f"exit {clipserve_exit}\n"
+    )
     stand_in.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CLIPSERVE_ENGINE": engine}
-    return subprocess.run([str(ENTRYPOINT), "sh", "-c", "echo serving"], env=env, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "CLIPSERVE_ENGINE"}
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    if engine is not None:
+        env["CLIPSERVE_ENGINE"] = engine
+    if command == ("slow",):
+        env["CLIPSERVE_TEST_BUILD_S"], command = "30", ("clipserve", "serve")
+    return subprocess.Popen([str(ENTRYPOINT), *command], env=env, stdout=subprocess.PIPE, text=True)
 
 
-def test_gpu_entrypoint_builds_plans_then_runs_the_command(tmp_path: Path):
-    result = _entrypoint(tmp_path, "tensorrt", clipserve_exit=0)
-    assert result.returncode == 0 and result.stdout.strip() == "serving"
-    assert (tmp_path / "calls").read_text() == "clipserve build-engines\n"
+def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+    stdout, _ = process.communicate(timeout=60)
+    return process.returncode, stdout.strip()
+
+
+def _calls(tmp_path: Path) -> list[str]:
+    calls = tmp_path / "calls"
+    return calls.read_text().splitlines() if calls.exists() else []
+
+
+def test_gpu_entrypoint_builds_plans_then_serves(tmp_path: Path):
+    assert _finish(_entrypoint(tmp_path, "tensorrt", clipserve_exit=0)) == (0, "serving")
+    assert _calls(tmp_path) == ["clipserve build-engines", "clipserve serve"]
 
 
 def test_gpu_entrypoint_stops_when_the_plans_cannot_be_built(tmp_path: Path):
-    result = _entrypoint(tmp_path, "tensorrt", clipserve_exit=2)
-    assert result.returncode == 2 and "serving" not in result.stdout
+    assert _finish(_entrypoint(tmp_path, "tensorrt", clipserve_exit=2)) == (2, "")
+    assert _calls(tmp_path) == ["clipserve build-engines"]
 
 
-def test_gpu_entrypoint_builds_nothing_for_another_engine(tmp_path: Path):
-    result = _entrypoint(tmp_path, "onnxruntime", clipserve_exit=2)
-    assert result.returncode == 0 and result.stdout.strip() == "serving"
-    assert not (tmp_path / "calls").exists()
+@pytest.mark.parametrize("engine", ["onnxruntime", "", None])
+def test_gpu_entrypoint_builds_nothing_for_another_engine(tmp_path: Path, engine: str | None):
+    """Empty or unset means onnxruntime, as in Settings."""
+    assert _finish(_entrypoint(tmp_path, engine, clipserve_exit=2)) == (0, "serving")
+    assert _calls(tmp_path) == ["clipserve serve"]
+
+
+def test_gpu_entrypoint_runs_other_commands_without_building(tmp_path: Path):
+    process = _entrypoint(tmp_path, "tensorrt", clipserve_exit=2, command=("sh", "-c", "echo a shell"))
+    assert _finish(process) == (0, "a shell") and _calls(tmp_path) == []
+
+
+def test_gpu_entrypoint_passes_sigterm_to_a_build_in_progress(tmp_path: Path):
+    process = _entrypoint(tmp_path, "tensorrt", clipserve_exit=0, command=("slow",))
+    deadline = time.monotonic() + 10
+    while _calls(tmp_path) != ["clipserve build-engines"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # let the shell reach `wait`
+    start = time.monotonic()
+    process.terminate()
+    returncode, stdout = _finish(process)
+    assert time.monotonic() - start < 10  # not the 30 s the build would have taken
+    assert returncode != 0 and stdout == "" and _calls(tmp_path) == ["clipserve build-engines"]
 
 
 def test_gpu_entrypoint_with_the_real_cli_on_this_gpu_less_machine(tmp_path: Path):
@@ -201,6 +289,7 @@ def test_gpu_entrypoint_with_the_real_cli_on_this_gpu_less_machine(tmp_path: Pat
     if not clipserve.exists():
         pytest.skip("clipserve is not installed in this environment")
     env = {**os.environ, "PATH": f"{clipserve.parent}:{os.environ['PATH']}", "CLIPSERVE_ENGINE": "tensorrt"}
-    result = subprocess.run([str(ENTRYPOINT), "echo", "serving"], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "serving" not in result.stdout
-    assert "TensorRT is not installed here" in result.stderr
+    command = [str(ENTRYPOINT), "clipserve", "serve", "--port", "1"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "TensorRT is not installed here" in result.stderr and "Uvicorn running" not in result.stderr
