@@ -224,7 +224,13 @@ class Manifest(_Strict):
         The label cache keys vectors by it, so a re-exported or different model never reads old vectors;
         export time, durations and tool versions are left out so that a byte-identical re-export keeps it.
         """
-        payload = self.model_dump(mode="json", exclude={"exporter": {"exported_at", "seconds"}, "parity": True})
+        payload = self.model_dump(
+            mode="json", exclude={"exporter": {"exported_at", "seconds"}, "parity": True, "tensorrt": True}
+        )
+        # TensorRT plans are compiled, per GPU family, from the ONNX graphs the hash covers, and may be added on
+        # the serving node long after export (`clipserve build-engines`); that must not move every replica's
+        # label cache to a new namespace. Their reduced precision is told apart by the cache key's precision.
+        payload["artifacts"] = [a for a in payload["artifacts"] if a["format"] != "tensorrt"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:

@@ -83,9 +83,10 @@ class Pipeline:
             metrics=metrics,
         )
         self.label_cache = LabelCache(
-            # The content hash changes with any artifact, scoring or input change; the precision picks the
-            # graphs; so vectors of one model and precision are never read by another.
-            namespace=f"clipserve:{CACHE_KEY_VERSION}:{model.content_hash[:16]}:{settings.precision}",
+            # The content hash changes with any artifact, scoring or input change; the precision is what the text
+            # engine computes in (fp16 TensorRT plans, int8 graphs); so vectors of one model and precision are
+            # never read by another, and replicas on CPU and GPU nodes share what they can.
+            namespace=f"clipserve:{CACHE_KEY_VERSION}:{model.content_hash[:16]}:{engines.text.precision}",
             dim=model.manifest.embed_dim,
             encode=self.encode_prompts,
             metrics=metrics,

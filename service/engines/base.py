@@ -21,6 +21,7 @@ class Engine(Protocol):
     role: str  # "image" | "text"
     description: str  # for logs, /v1/models and the engine-info metric, e.g. "onnxruntime CPU fp32 image.onnx"
     max_batch_size: int | None  # the runtime's own limit (a TensorRT profile's max), None when unbounded
+    precision: str  # what it computes in ("fp32", "fp16", ...): part of the label cache's key
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray: ...
 

@@ -83,7 +83,7 @@ class TensorRTEngine:
         *,
         input_name: str,
         max_batch_size: int,
-        precision: str | None = None,
+        precision: str = "fp32",
         memory: DeviceMemory | None = None,
     ) -> None:
         plan_path = Path(plan_path)
@@ -92,6 +92,7 @@ class TensorRTEngine:
         trt = load_tensorrt()
         self.role = role
         self.max_batch_size: int | None = max_batch_size
+        self.precision = precision
         # Memory first: the CUDA runtime then holds the device's primary context, which TensorRT picks up and shares.
         self._memory = memory if memory is not None else CudaRuntimeMemory()
         try:
@@ -101,8 +102,7 @@ class TensorRTEngine:
             raise
         # An execution context holds per-call shapes and addresses: one call at a time.
         self._lock = threading.Lock()
-        what = f"{precision} " if precision else ""
-        self.description = f"tensorrt {trt.__version__} {what}{plan_path.parent.name}/{plan_path.name}"
+        self.description = f"tensorrt {trt.__version__} {precision} {plan_path.parent.name}/{plan_path.name}"
 
     def _load(self, trt: ModuleType, plan_path: Path, input_name: str) -> None:
         self._trt_logger = trt.Logger(trt.Logger.WARNING)

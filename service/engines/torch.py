@@ -33,6 +33,7 @@ class TorchEngine:
             raise EngineError(f"unknown encoder role {role!r}")
         self.role = role
         self.max_batch_size: int | None = None
+        self.precision = "fp32"
         self._device = torch.device(device)
         self._tower: torch.nn.Module | None = tower.eval().to(self._device)
         self._input_dtype = _INPUT_DTYPES[role]

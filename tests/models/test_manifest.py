@@ -14,6 +14,7 @@ import pytest
 from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
 from models.manifest import (
     MANIFEST_FILE,
+    Artifact,
     ArtifactIntegrityError,
     Manifest,
     ManifestError,
@@ -146,6 +147,26 @@ def test_content_hash_ignores_when_but_not_what() -> None:
     assert changed_graph.content_hash() != manifest.content_hash()
     rescaled = manifest.model_copy(update={"logit_scale": manifest.logit_scale * 2})
     assert rescaled.content_hash() != manifest.content_hash()
+
+
+def test_content_hash_stays_when_tensorrt_plans_are_added() -> None:
+    """Plans built on the serving node (clipserve build-engines) must not move the label cache's namespace."""
+    manifest = read_manifest(DEMO_DIR)
+    build = TensorRTBuild(
+        directory="tensorrt/sm90-trt10.16.1",
+        gpu_name="NVIDIA H200",
+        compute_capability="9.0",
+        tensorrt_version="10.16.1",
+        precision="fp16",
+        min_batch=1,
+        opt_batch=32,
+        max_batch=64,
+    )
+    plan = Artifact(
+        path="tensorrt/sm90-trt10.16.1/image.plan", role="image", format="tensorrt", sha256="1" * 64, bytes=1
+    )
+    with_plans = manifest.model_copy(update={"tensorrt": (build,), "artifacts": (*manifest.artifacts, plan)})
+    assert with_plans.content_hash() == manifest.content_hash()
 
 
 def test_manifest_round_trips_through_json() -> None:

@@ -527,7 +527,7 @@ def test_tensorrt_engine_runs_the_context_with_the_batch_shape(fake_trt, device_
     assert context.shapes == [("pixels", (5, 3, 64, 64))]
     assert context.streams == [device_memory.stream_handle]
     assert set(context.addresses) == {"pixels", "embeddings"}
-    assert engine.description == "tensorrt 10.7.0 sm90-trt10.7.0/image.plan"
+    assert engine.description == "tensorrt 10.7.0 fp32 sm90-trt10.7.0/image.plan"  # the default precision
     assert engine.max_batch_size == 8
 
 
@@ -614,6 +614,7 @@ def test_factory_builds_tensorrt_engines_from_the_matching_build(
     pair = build_engines(Settings(engine="tensorrt", max_batch_size=64), with_plans, tmp_path)
     assert pair.image.description == "tensorrt 10.7.0 fp16 sm90-trt10.7.0/image.plan"
     assert pair.text.description == "tensorrt 10.7.0 fp16 sm90-trt10.7.0/text.plan"
+    assert pair.text.precision == "fp16"  # the build's, whatever CLIPSERVE_PRECISION says: the label cache keys it
     assert pair.image.max_batch_size == pair.text.max_batch_size == 8
     warm_up(pair, with_plans)
     assert [engine.input for engine in fake_trt.engines] == ["pixels", "token_ids"]

@@ -73,3 +73,10 @@ async def test_without_redis_the_memory_tier_serves(demo):
     calls = _text_calls(app)
     assert (await client.post("/classify", json=body)).status_code == 200
     assert _text_calls(app) == calls
+
+
+async def test_label_cache_namespace_names_what_the_text_engine_computes_in():
+    """The key carries the text engine's precision (int8 graphs here; fp16 for TensorRT plans), not a guess."""
+    async with running_app(precision="int8") as (app, _):
+        namespace = app.state.pipeline.label_cache.namespace
+    assert namespace.startswith("clipserve:v1:") and namespace.endswith(":int8")
