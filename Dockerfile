@@ -11,7 +11,8 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # CUDA 13 with cuDNN 9: what onnxruntime-gpu's PyPI wheels (1.27 and later) and tensorrt-cu13 are built against.
-ARG CUDA_IMAGE=nvidia/cuda:13.1.1-cudnn-runtime-ubuntu24.04
+# 13.0, the first CUDA 13 release, so that every CUDA 13 driver (580 and newer) passes the NVIDIA runtime's check.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------- cpu ----
 FROM ${PYTHON_IMAGE} AS cpu-deps
@@ -52,7 +53,7 @@ FROM ${CUDA_IMAGE} AS gpu-base
 # the base image's Ubuntu release: pinning a patch version would break every rebuild after a security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 clipserve \
     && useradd --system --uid 10001 --gid clipserve --no-create-home --home-dir /nonexistent \
@@ -76,7 +77,10 @@ COPY --from=gpu-deps /opt/clipserve /opt/clipserve
 COPY --from=gpu-app /install/ /opt/clipserve/
 COPY --chown=clipserve:clipserve models/demo/repository/ /models/
 COPY deploy/docker/gpu-entrypoint.sh /usr/local/bin/clipserve-gpu-entrypoint
+# TensorRT's wheels keep libnvinfer inside site-packages; ONNX Runtime's TensorRT provider (CLIPSERVE_ENGINE=
+# onnxruntime on this image) finds it only on the loader path.
 ENV PATH=/opt/clipserve/bin:$PATH \
+    LD_LIBRARY_PATH=/opt/clipserve/lib/python3.12/site-packages/tensorrt_libs \
     PYTHONUNBUFFERED=1 \
     CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=8000 \

@@ -11,11 +11,14 @@ import os
 import sys
 import urllib.request
 
+# No proxy: HTTP_PROXY set for the container's outbound traffic must not route a check of 127.0.0.1 elsewhere.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 
 def check(port: str, timeout_s: float = 2.0) -> str | None:
     """None when /healthz answers 200, else why not."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=timeout_s) as response:
+        with _DIRECT.open(f"http://127.0.0.1:{port}/healthz", timeout=timeout_s) as response:
             return None if response.status == 200 else f"/healthz answered {response.status}"
     except OSError as error:  # refused, timed out, or an HTTP error status (HTTPError is an OSError)
         return f"/healthz failed: {error}"

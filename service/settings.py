@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     model: str | None = Field(None, description="Model name in the repository; unset: the built-in demo model.")
     engine: EngineKind = Field("onnxruntime", description="Runtime for both encoders.")
     precision: Precision = Field("fp32", description="Which exported graphs to run.")
+    tensorrt_precision: Literal["fp16", "bf16", "fp32"] = Field(
+        "fp16",
+        description="Precision of the TensorRT plans `clipserve build-engines` (the gpu image's entrypoint) builds.",
+    )
     onnx_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="ONNX Runtime providers in order of preference; empty: best installed."
     )
