@@ -398,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parse_args(argv)
     locust = locust_command()
     if locust is None:
-        print("error: Locust is not installed; pip install -e '.[dev]'", file=sys.stderr)
+        print("error: Locust is not installed; pip install -e '.[loadtest]'", file=sys.stderr)
         return 2
     problem = wait_ready(args.host, args.ready_timeout)
     if problem is not None:

@@ -57,8 +57,8 @@ def test_dependencies_install_before_any_source_is_copied():
 
 
 def test_the_build_context_leaves_out_what_the_image_does_not_need():
-    ignored = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignored[ignored.index("*") :]  # everything is out unless let in
+    ignored = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+    assert ignored[0] == "*"  # everything is out unless let in below
     allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
     assert allowed == {"pyproject.toml", "README.md", "service", "export", "models", "deploy/docker"}
     assert "models/demo/artifacts/" in ignored  # training weights: the torch path only
@@ -91,6 +91,15 @@ def test_compose_file_is_valid_and_runs_a_redis_cache_before_clipserve():
         assert setting in command
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
     assert "/metrics" in (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+
+
+def test_compose_sets_only_real_settings():
+    from service.settings import Settings
+
+    fields = {f"CLIPSERVE_{name.upper()}" for name in Settings.model_fields}
+    for name, service in _compose_config("cpu")["services"].items():
+        unknown = {k for k in service.get("environment", {}) if k.startswith("CLIPSERVE_")} - fields
+        assert not unknown, f"{name} sets {unknown}, which no setting reads"
 
 
 def test_the_gpu_profile_reserves_an_nvidia_gpu():
