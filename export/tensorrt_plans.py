@@ -19,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +158,14 @@ def _with_build(manifest: Manifest, record: TensorRTBuild, plans: list[Artifact]
     return Manifest.model_validate({**manifest.model_dump(), **update})
 
 
+def _move_in(built: Path, target: Path, staging: Path) -> None:
+    """Puts the plans in `built` at `target`; plans already there (a stale build) go into `staging` to be deleted."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        os.replace(target, staging / "replaced")
+    os.replace(built, target)
+
+
 def _replace_manifest(directory: Path, manifest: Manifest) -> None:
     temporary = directory / f".{MANIFEST_FILE}.tmp"
     temporary.write_text(manifest.to_json())
@@ -202,8 +212,16 @@ def ensure_plans(
             f"for batches up to {options.max_batch}, because {reason} (minutes, once per GPU family)"
         )
         start = time.perf_counter()
-        record, plans = build_and_record(directory, engine_specs(manifest, directory), options, trt=trt, gpu=gpu)
-        _replace_manifest(directory, _with_build(manifest, record, plans))
+        # Built beside the model, moved in only when complete: a rebuild must not overwrite the recorded plans
+        # of a stale build until the new ones exist, or a failed build would leave files the manifest disowns.
+        staging = directory / f".tensorrt-staging-{uuid.uuid4().hex[:8]}"
+        try:
+            specs = engine_specs(manifest, directory)
+            record, plans = build_and_record(staging, specs, options, trt=trt, gpu=gpu)
+            _move_in(staging / record.directory, directory / record.directory, staging)
+            _replace_manifest(directory, _with_build(manifest, record, plans))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         load_manifest(directory, verify=True)
         progress(f"built {record.directory} in {time.perf_counter() - start:.0f} s")
         return record, True

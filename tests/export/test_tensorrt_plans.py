@@ -77,6 +77,27 @@ def test_a_failed_build_leaves_the_model_as_it_was(model_dir: Path):
         ensure_plans(model_dir, OPTIONS, trt=FakeTensorRT(build_returns_none=True), gpu=H200)
     assert (model_dir / MANIFEST_FILE).read_bytes() == before
     load_manifest(model_dir, verify=True)
+    assert not list(model_dir.glob(".tensorrt-staging-*"))
+
+
+class TextFailsBuilder(FakeBuilder):
+    def build_serialized_network(self, network, config):  # type: ignore[no-untyped-def]
+        # The image plan is written first; the text build then fails, halfway through the rebuild.
+        return None if Path(network.source).name == "text.onnx" else super().build_serialized_network(network, config)
+
+
+def test_a_failed_rebuild_keeps_the_stale_plans_the_manifest_records(model_dir: Path):
+    fp16, _ = ensure_plans(model_dir, OPTIONS, trt=FakeTensorRT(), gpu=H200)
+    before = (model_dir / MANIFEST_FILE).read_bytes()
+    failing = FakeTensorRT()
+    failing.Builder = lambda logger: TextFailsBuilder(failing, logger)  # type: ignore[method-assign]
+    with pytest.raises(EngineBuildError):
+        bf16 = TensorRTOptions(precision="bf16", opt_batch=8, max_batch=16)
+        ensure_plans(model_dir, bf16, trt=failing, gpu=H200)
+    assert failing.serialized  # the image plan of the rebuild was written before the text build failed
+    assert (model_dir / MANIFEST_FILE).read_bytes() == before
+    assert load_manifest(model_dir, verify=True).tensorrt == (fp16,)  # the fp16 plans are intact and verify
+    assert not list(model_dir.glob(".tensorrt-staging-*"))
 
 
 class SlowBuilder(FakeBuilder):
