@@ -152,16 +152,7 @@ def test_content_hash_ignores_when_but_not_what() -> None:
 def test_content_hash_stays_when_tensorrt_plans_are_added() -> None:
     """Plans built on the serving node (clipserve build-engines) must not move the label cache's namespace."""
     manifest = read_manifest(DEMO_DIR)
-    build = TensorRTBuild(
-        directory="tensorrt/sm90-trt10.16.1",
-        gpu_name="NVIDIA H200",
-        compute_capability="9.0",
-        tensorrt_version="10.16.1",
-        precision="fp16",
-        min_batch=1,
-        opt_batch=32,
-        max_batch=64,
-    )
+    build = h200_build("10.16.1")
     plan = Artifact(
         path="tensorrt/sm90-trt10.16.1/image.plan", role="image", format="tensorrt", sha256="1" * 64, bytes=1
     )
@@ -174,17 +165,21 @@ def test_manifest_round_trips_through_json() -> None:
     assert Manifest.model_validate_json(manifest.to_json()) == manifest
 
 
-def test_tensorrt_build_knows_where_its_plans_run() -> None:
-    build = TensorRTBuild(
-        directory="tensorrt/sm90-trt10.7.0",
+def h200_build(tensorrt_version: str) -> TensorRTBuild:
+    return TensorRTBuild(
+        directory=f"tensorrt/sm90-trt{tensorrt_version}",
         gpu_name="NVIDIA H200",
         compute_capability="9.0",
-        tensorrt_version="10.7.0",
+        tensorrt_version=tensorrt_version,
         precision="fp16",
         min_batch=1,
         opt_batch=32,
         max_batch=64,
     )
+
+
+def test_tensorrt_build_knows_where_its_plans_run() -> None:
+    build = h200_build("10.7.0")
     assert build.runs_on("9.0", "10.7.0")
     assert not build.runs_on("8.9", "10.7.0")  # another GPU family
     assert not build.runs_on("9.0", "10.8.0")  # another TensorRT: plans are not portable across versions
