@@ -1,0 +1,158 @@
+// The CUDA similarity kernel: image embeddings [B, D] x label matrix [C, D] -> per image the top-k labels
+// (cosine, probability, index), optionally every label's probability. Loaded by service/gpu/similarity.py through
+// the CUDA driver API on raw device pointers, so it runs on buffers owned by TensorRT, ONNX Runtime, CuPy or torch.
+//
+// Two launches, and why the split is here:
+//   clipserve_cosines_*      a tiled GEMM, tensor cores (WMMA, fp32 accumulation) for fp16/bf16 and plain fp32
+//                            FMA for fp32 (TF32 would cost the 1e-5 parity with the CPU path), writing cosines
+//                            [B, C] fp32 to a workspace;
+//   clipserve_softmax_topk   one block per image over its whole row (similarity.cuh).
+// The softmax needs the maximum over all C labels and the top-k needs every label, but a GEMM block sees only
+// a 64-label slice: fusing would mean per-slice partial states and up to k candidates per slice (100 x 1,563
+// slices x B rows at C = 100,000) merged afterwards, more traffic than re-reading cosines that are still in L2.
+// The host side bounds the workspace by launching in groups of rows.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include "similarity.cuh"
+
+namespace clipserve {
+
+struct CudaBlock {
+  __device__ int thread() const { return static_cast<int>(threadIdx.x); }
+  __device__ int size() const { return static_cast<int>(blockDim.x); }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ uint32_t atomic_add(uint32_t* address, uint32_t value) const { return atomicAdd(address, value); }
+};
+
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+constexpr int kTile = 64;  // a GEMM block computes 64 images x 64 labels
+
+// fp32: 256 threads, each a 4x4 sub-tile, operands staged through shared memory 16 dimensions at a time.
+template <typename T>
+__device__ void cosines_fma(const T* images, const T* labels, int rows, int count, int dim, float* cosines) {
+  constexpr int kDepth = 16;
+  __shared__ float image_tile[kDepth][kTile + 4];  // [d][image]: the +4 keeps the 4-wide reads conflict-free
+  __shared__ float label_tile[kDepth][kTile + 4];
+  const int t = static_cast<int>(threadIdx.x);
+  const int row0 = static_cast<int>(blockIdx.y) * kTile, col0 = static_cast<int>(blockIdx.x) * kTile;
+  const int tm = (t / 16) * 4, tn = (t % 16) * 4;
+  float acc[4][4] = {};
+  for (int d0 = 0; d0 < dim; d0 += kDepth) {
+    for (int e = t; e < kTile * kDepth; e += 256) {
+      const int m = e / kDepth, d = d0 + e % kDepth;
+      const int r = row0 + m, c = col0 + m;
+      image_tile[e % kDepth][m] = (r < rows && d < dim) ? widen(images[static_cast<size_t>(r) * dim + d]) : 0.0f;
+      label_tile[e % kDepth][m] = (c < count && d < dim) ? widen(labels[static_cast<size_t>(c) * dim + d]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = image_tile[d][tm + i], b[i] = label_tile[d][tn + i];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int r = row0 + tm + i, c = col0 + tn + j;
+      if (r < rows && c < count) cosines[static_cast<size_t>(r) * count + c] = acc[i][j];
+    }
+}
+
+// fp16/bf16: 128 threads = 4 warps, each warp a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with fp32
+// accumulators; operands staged through shared memory 32 dimensions at a time, zero-padded at the edges so any
+// B, C and D work.
+template <typename T>
+__device__ void cosines_wmma(const T* images, const T* labels, int rows, int count, int dim, float* cosines) {
+  using namespace nvcuda;
+  constexpr int kDepth = 32, kStride = kDepth + 8;  // +8 halves: rows stay 16-byte aligned, fewer bank conflicts
+  __shared__ __align__(32) T image_tile[kTile][kStride];
+  __shared__ __align__(32) T label_tile[kTile][kStride];  // [label][d] = the label matrix's transpose, col-major
+  __shared__ __align__(32) float out_tile[kTile][kTile + 4];
+  const int t = static_cast<int>(threadIdx.x), warp = t / 32;
+  const int row0 = static_cast<int>(blockIdx.y) * kTile, col0 = static_cast<int>(blockIdx.x) * kTile;
+  const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const T zero = T(0.0f);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  for (int d0 = 0; d0 < dim; d0 += kDepth) {
+    for (int e = t; e < kTile * kDepth; e += 128) {
+      const int m = e / kDepth, d = d0 + e % kDepth;
+      const int r = row0 + m, c = col0 + m;
+      image_tile[m][e % kDepth] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : zero;
+      label_tile[m][e % kDepth] = (c < count && d < dim) ? labels[static_cast<size_t>(c) * dim + d] : zero;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < kDepth; d += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &image_tile[wm + 16 * i][d], kStride);
+#pragma unroll
+      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &label_tile[wn + 16 * j][d], kStride);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+      wmma::store_matrix_sync(&out_tile[wm + 16 * i][wn + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int e = t; e < kTile * kTile; e += 128) {
+    const int r = row0 + e / kTile, c = col0 + e % kTile;
+    if (r < rows && c < count) cosines[static_cast<size_t>(r) * count + c] = out_tile[e / kTile][e % kTile];
+  }
+}
+
+}  // namespace clipserve
+
+// Entry points: C names for cuModuleGetFunction. Grids: cosines (ceil(C/64), ceil(B/64)) blocks of 256 (fp32)
+// or 128 (fp16, bf16) threads; softmax_topk one block of kRowThreads per image.
+extern "C" __global__ void __launch_bounds__(256)
+    clipserve_cosines_f32(const float* images, const float* labels, int rows, int count, int dim, float* cosines) {
+  clipserve::cosines_fma(images, labels, rows, count, dim, cosines);
+}
+
+extern "C" __global__ void __launch_bounds__(128)
+    clipserve_cosines_f16(const __half* images, const __half* labels, int rows, int count, int dim, float* cosines) {
+  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines);
+}
+
+extern "C" __global__ void __launch_bounds__(128) clipserve_cosines_bf16(const __nv_bfloat16* images,
+                                                                        const __nv_bfloat16* labels, int rows,
+                                                                        int count, int dim, float* cosines) {
+  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines);
+}
+
+// probabilities may be null (only the top k is wanted).
+extern "C" __global__ void __launch_bounds__(clipserve::kRowThreads)
+    clipserve_softmax_topk(const float* cosines, int rows, int count, int k, float scale, float bias,
+                           int activation, float* top_cosine, float* top_probability, int* top_index,
+                           float* probabilities) {
+  __shared__ clipserve::RowShared shared;
+  clipserve::CudaBlock block;
+  const size_t row = blockIdx.x;
+  if (row >= static_cast<size_t>(rows)) return;
+  clipserve::softmax_topk_row(block, shared, cosines + row * count, count, k, scale, bias, activation,
+                              top_cosine + row * k, top_probability + row * k, top_index + row * k,
+                              probabilities ? probabilities + row * count : nullptr);
+}

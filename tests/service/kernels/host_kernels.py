@@ -1,0 +1,265 @@
+"""The similarity kernel's code on the host, for tests on machines without a GPU.
+
+- `build_host_library` compiles tests/service/kernels/host_block.cu with nvcc as host code: the row algorithm of
+  service/kernels/similarity.cuh run by a block of host threads (see that file).
+- `HostRowKernel` calls it through ctypes.
+- `HostMemoryDriver` is a fake of service.gpu.driver.CudaDriver at the GPU boundary: "device" memory is host
+  memory, and launches run the host row kernel and a numpy GEMM in place of the CUDA kernels. It lets
+  CudaSimilarity's real orchestration (grouping, the label LRU, dtype conversion, argument packing) run here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from service.gpu.device_array import widen_to_float32
+from service.gpu.driver import Float32, Int32, KernelArgument, Pointer
+from service.kernels import KERNEL_DIR
+
+HOST_SOURCE = Path(__file__).with_name("host_block.cu")
+REQUIRE_NVCC = os.environ.get("CLIPSERVE_REQUIRE_NVCC") == "1"  # set by .ci/run: CI must compile the kernel
+
+
+def nvcc_or_skip() -> str:
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        message = "nvcc (the CUDA toolkit) is not installed; the kernel tests compile with it"
+        if REQUIRE_NVCC:
+            pytest.fail(message + " and CLIPSERVE_REQUIRE_NVCC=1")
+        pytest.skip(message)
+    return nvcc
+
+
+def build_host_library(directory: Path) -> Path:
+    output = directory / "libclipserve_host_kernels.so"
+    command = [
+        nvcc_or_skip(),
+        "-x",
+        "cu",
+        "-std=c++20",
+        "-O2",
+        "-Xcompiler",
+        "-fPIC,-Wall",
+        "-shared",
+        "-Werror",
+        "all-warnings",
+        "-I",
+        str(KERNEL_DIR),
+        str(HOST_SOURCE),
+        "-o",
+        str(output),
+    ]
+    subprocess.run(command, check=True, capture_output=True, text=True)
+    return output
+
+
+_F32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+_I32 = np.ctypeslib.ndpointer(np.int32, flags="C_CONTIGUOUS")
+_U32 = np.ctypeslib.ndpointer(np.uint32, flags="C_CONTIGUOUS")
+_OUT_F = ctypes.POINTER(ctypes.c_float)
+_OUT_U = ctypes.POINTER(ctypes.c_uint32)
+
+
+class HostRowKernel:
+    def __init__(self, library: Path) -> None:
+        lib = self.lib = ctypes.CDLL(str(library))
+        c_int, c_float, c_void = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        lib.host_softmax_topk.argtypes = [
+            c_void,
+            c_int,
+            c_int,
+            c_int,
+            c_float,
+            c_float,
+            c_int,
+            c_int,
+            c_void,
+            c_void,
+            c_void,
+            c_void,
+        ]
+        lib.host_softmax_topk.restype = c_int
+        lib.host_order_key.argtypes, lib.host_order_key.restype = [c_float], ctypes.c_uint32
+        lib.host_softmax_push.argtypes = [_F32, c_int, _OUT_F, _OUT_F]
+        lib.host_softmax_merge.argtypes = [c_float, c_float, c_float, c_float, _OUT_F, _OUT_F]
+        lib.host_radix_select_bin.argtypes = [_U32, ctypes.c_uint32, _OUT_U, _OUT_U, _OUT_U]
+
+    def softmax_topk_at(
+        self,
+        cosines: int,
+        rows: int,
+        count: int,
+        k: int,
+        scale: float,
+        bias: float,
+        activation: int,
+        threads: int,
+        top_cosine: int,
+        top_probability: int,
+        top_index: int,
+        probabilities: int,
+    ) -> None:
+        """The kernel's signature on raw addresses (0 for no full row)."""
+        status = self.lib.host_softmax_topk(
+            cosines,
+            rows,
+            count,
+            k,
+            scale,
+            bias,
+            activation,
+            threads,
+            top_cosine,
+            top_probability,
+            top_index,
+            probabilities or None,
+        )
+        if status != 0:
+            raise ValueError(f"host_softmax_topk refused rows={rows} count={count} k={k} threads={threads}")
+
+    def softmax_topk(
+        self,
+        cosines: np.ndarray,
+        k: int,
+        *,
+        scale: float = 100.0,
+        bias: float = 0.0,
+        activation: int = 0,
+        threads: int = 256,
+        full_row: bool = False,
+    ):  # type: ignore[no-untyped-def]
+        cosines = np.ascontiguousarray(cosines, dtype=np.float32)
+        rows, count = cosines.shape
+        top_cosine = np.zeros((rows, k), np.float32)
+        top_probability = np.zeros((rows, k), np.float32)
+        top_index = np.full((rows, k), -1, np.int32)
+        probabilities = np.zeros((rows, count), np.float32) if full_row else None
+        self.softmax_topk_at(
+            cosines.ctypes.data,
+            rows,
+            count,
+            k,
+            scale,
+            bias,
+            activation,
+            threads,
+            top_cosine.ctypes.data,
+            top_probability.ctypes.data,
+            top_index.ctypes.data,
+            probabilities.ctypes.data if probabilities is not None else 0,
+        )
+        return top_cosine, top_probability, top_index, probabilities
+
+    def order_key(self, x: float) -> int:
+        return int(self.lib.host_order_key(x))
+
+    def softmax_push(self, logits: np.ndarray) -> tuple[float, float]:
+        top, total = ctypes.c_float(), ctypes.c_float()
+        values = np.ascontiguousarray(logits, dtype=np.float32)
+        self.lib.host_softmax_push(values, len(values), ctypes.byref(top), ctypes.byref(total))
+        return top.value, total.value
+
+    def softmax_merge(self, a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+        top, total = ctypes.c_float(), ctypes.c_float()
+        self.lib.host_softmax_merge(*a, *b, ctypes.byref(top), ctypes.byref(total))
+        return top.value, total.value
+
+    def radix_select_bin(self, histogram: np.ndarray, k: int) -> tuple[int, int, int]:
+        out = [ctypes.c_uint32() for _ in range(3)]
+        self.lib.host_radix_select_bin(np.ascontiguousarray(histogram, np.uint32), k, *map(ctypes.byref, out))
+        return tuple(int(o.value) for o in out)  # type: ignore[return-value]
+
+
+class HostAllocation:
+    def __init__(self, driver: HostMemoryDriver, nbytes: int) -> None:
+        self.buffer = np.zeros(max(nbytes, 1), np.uint8)
+        self.pointer, self.nbytes = self.buffer.ctypes.data, nbytes
+        self._driver = driver
+        driver.live[self.pointer] = self
+
+    def free(self) -> None:
+        if self._driver.live.pop(self.pointer, None) is not None:
+            self._driver.freed += 1
+
+
+def _view(pointer: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    count = int(np.prod(shape))
+    raw = (ctypes.c_char * (count * np.dtype(dtype).itemsize)).from_address(pointer)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
+class HostMemoryDriver:
+    """Fake CudaDriver (the GPU boundary): host memory and host implementations of the kernels."""
+
+    _DTYPES: ClassVar[dict[str, str]] = {
+        "clipserve_cosines_f32": "float32",
+        "clipserve_cosines_f16": "float16",
+        "clipserve_cosines_bf16": "bfloat16",
+    }
+
+    def __init__(self, rows: HostRowKernel, threads: int = 256) -> None:
+        self.rows, self.threads = rows, threads
+        self.live: dict[int, HostAllocation] = {}
+        self.freed = 0
+        self.launches: list[tuple[str, tuple[int, int], int]] = []
+        self.uploads = 0
+        self.loaded: tuple[str, ...] = ()
+
+    def make_current(self) -> None:
+        pass
+
+    def load_kernels(self, image: bytes, names: tuple[str, ...]) -> None:
+        assert image, "empty fatbin"
+        self.loaded = tuple(names)
+
+    def allocate(self, nbytes: int) -> HostAllocation:
+        return HostAllocation(self, nbytes)
+
+    def upload(self, pointer: int, array: np.ndarray) -> None:
+        self.uploads += 1
+        host = np.ascontiguousarray(array)
+        ctypes.memmove(pointer, host.ctypes.data, host.nbytes)
+
+    def download(self, pointer: int, out: np.ndarray) -> None:
+        ctypes.memmove(out.ctypes.data, pointer, out.nbytes)
+
+    def launch(self, name: str, grid: tuple[int, int], block: int, arguments: list[KernelArgument]) -> None:
+        assert name in self.loaded, f"{name} was not loaded"
+        assert all(isinstance(a, Pointer | Int32 | Float32) for a in arguments)
+        self.launches.append((name, grid, block))
+        if name in self._DTYPES:
+            images, labels, rows, count, dim, out = (int(a) for a in arguments)
+            dtype = self._DTYPES[name]
+            raw = np.float32 if dtype == "float32" else (np.float16 if dtype == "float16" else np.uint16)
+
+            def read(pointer: int, n: int) -> np.ndarray:
+                bits = _view(pointer, (n, dim), raw)
+                return widen_to_float32(bits.view(np.uint16), dtype) if dtype != "float32" else bits.copy()
+
+            assert grid == (-(-count // 64), -(-rows // 64))
+            _view(out, (rows, count), np.float32)[:] = read(images, rows) @ read(labels, count).T
+            return
+        cosines, rows, count, k, scale, bias, activation, top_c, top_p, top_i, full = arguments
+        assert grid == (rows, 1) and block == 256
+        self.rows.softmax_topk_at(
+            int(cosines),
+            int(rows),
+            int(count),
+            int(k),
+            float(scale),
+            float(bias),
+            int(activation),
+            self.threads,
+            int(top_c),
+            int(top_p),
+            int(top_i),
+            int(full),
+        )
