@@ -1,0 +1,210 @@
+"""The CUDA driver API through NVIDIA's `cuda-bindings`: context, memory, copies and kernel launches.
+
+The similarity kernel is a fatbin loaded with cuModuleLoadData and launched with cuLaunchKernel on raw device
+addresses, so it works on memory owned by any runtime in the process (TensorRT, ONNX Runtime, torch, CuPy): all
+of them use the device's primary context, which `CudaDriver` retains and makes current on each calling thread.
+cuda-bindings is imported on first use; without it (or without a GPU) a `GpuUnavailable` says what is missing.
+Every call returns ``(error, *values)``; `_check` turns an error into GpuUnavailable (no device, no driver) or
+`CudaError` (anything else), naming the call.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+GPU_EXTRA = "pip install 'clipserve[gpu]'"
+
+
+class CudaError(RuntimeError):
+    """A CUDA driver call failed."""
+
+
+class GpuUnavailable(CudaError):
+    """No usable GPU here: cuda-bindings missing, no driver, or no device."""
+
+
+def load_bindings() -> ModuleType:
+    try:
+        from cuda.bindings import driver
+    except (ImportError, OSError) as error:
+        raise GpuUnavailable(
+            f"the CUDA similarity kernel needs NVIDIA's CUDA Python bindings (cuda-bindings), which cannot be "
+            f"imported here ({error}); run {GPU_EXTRA}"
+        ) from error
+    return driver
+
+
+# Kernel arguments are typed so that each is packed at the size the kernel's signature expects.
+class Pointer(int):
+    """A device address argument (64-bit)."""
+
+
+class Int32(int):
+    """A 32-bit int argument."""
+
+
+class Float32(float):
+    """A 32-bit float argument."""
+
+
+KernelArgument = Pointer | Int32 | Float32
+
+
+def pack_arguments(arguments: Sequence[KernelArgument]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """cuLaunchKernel's `kernelParams`: an array of addresses, each of one argument's bytes (kept alive by the
+    returned holders until the launch call returns; the driver copies the values at launch)."""
+    holders: list[np.ndarray] = []
+    for argument in arguments:
+        if isinstance(argument, Pointer):
+            holders.append(np.array([argument], dtype=np.uint64))
+        elif isinstance(argument, Int32):
+            holders.append(np.array([argument], dtype=np.int32))
+        elif isinstance(argument, Float32):
+            holders.append(np.array([argument], dtype=np.float32))
+        else:
+            raise TypeError(f"kernel argument {argument!r} must be a Pointer, Int32 or Float32")
+    return np.array([holder.ctypes.data for holder in holders], dtype=np.uint64), holders
+
+
+class DeviceAllocation:
+    """cuMemAlloc'd bytes, freed once: by `free()` or when the object is garbage collected."""
+
+    def __init__(self, driver: CudaDriver, pointer: int, nbytes: int) -> None:
+        self.pointer, self.nbytes = pointer, nbytes
+        self._finalizer = weakref.finalize(self, driver.free, pointer)
+
+    def free(self) -> None:
+        self._finalizer()
+
+
+class CudaDriver:
+    """One device's primary context, the kernels loaded into it, and blocking copies on one stream."""
+
+    def __init__(self, device: int = 0) -> None:
+        self._cuda = cuda = load_bindings()
+        self._check("cuInit", cuda.cuInit(0))
+        self.device = device
+        self._device = self._check("cuDeviceGet", cuda.cuDeviceGet(device))
+        self._context = self._check("cuDevicePrimaryCtxRetain", cuda.cuDevicePrimaryCtxRetain(self._device))
+        self.make_current()
+        # Non-blocking: it does not wait for work other libraries put on the legacy default stream.
+        self._stream = self._check("cuStreamCreate", cuda.cuStreamCreate(cuda.CUstream_flags.CU_STREAM_NON_BLOCKING))
+        self._functions: dict[str, Any] = {}
+        self._modules: list[Any] = []
+        self._lock = threading.Lock()
+
+    def _check(self, what: str, result: tuple[Any, ...]) -> Any:
+        cuda = self._cuda
+        error, *values = result
+        if error != cuda.CUresult.CUDA_SUCCESS:
+            _, name = cuda.cuGetErrorName(error)
+            _, text = cuda.cuGetErrorString(error)
+            message = f"CUDA {what} failed: {_text(name)} ({_text(text)})"
+            unavailable = (cuda.CUresult.CUDA_ERROR_NO_DEVICE, cuda.CUresult.CUDA_ERROR_INSUFFICIENT_DRIVER)
+            if error in unavailable or error == getattr(cuda.CUresult, "CUDA_ERROR_STUB_LIBRARY", None):
+                raise GpuUnavailable(message + "; the CUDA similarity kernel needs an NVIDIA GPU and driver")
+            raise CudaError(message)
+        if not values:
+            return None
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def make_current(self) -> None:
+        """Bind the primary context to the calling thread (the batcher, the decode pool, ... each call this)."""
+        self._check("cuCtxSetCurrent", self._cuda.cuCtxSetCurrent(self._context))
+
+    def compute_capability(self) -> str:
+        cuda = self._cuda
+        attribute = cuda.CUdevice_attribute
+        major = self._check(
+            "cuDeviceGetAttribute",
+            cuda.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self._device),
+        )
+        minor = self._check(
+            "cuDeviceGetAttribute",
+            cuda.cuDeviceGetAttribute(attribute.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self._device),
+        )
+        return f"{major}.{minor}"
+
+    def load_kernels(self, image: bytes, names: Sequence[str]) -> None:
+        """Load a fatbin (or cubin/PTX) and look up its entry points by their C names."""
+        self.make_current()
+        buffer = np.frombuffer(image, dtype=np.uint8)
+        module = self._check("cuModuleLoadData", self._cuda.cuModuleLoadData(buffer.ctypes.data))
+        self._modules.append(module)
+        for name in names:
+            self._functions[name] = self._check(
+                f"cuModuleGetFunction({name})", self._cuda.cuModuleGetFunction(module, name.encode())
+            )
+
+    def launch(self, name: str, grid: tuple[int, int], block: int, arguments: Sequence[KernelArgument]) -> None:
+        """Queue kernel `name` on this driver's stream (static shared memory only)."""
+        function = self._functions[name]
+        params, _holders = pack_arguments(arguments)
+        self._check(
+            f"cuLaunchKernel({name})",
+            self._cuda.cuLaunchKernel(
+                function, grid[0], grid[1], 1, block, 1, 1, 0, self._stream, params.ctypes.data, 0
+            ),
+        )
+
+    def allocate(self, nbytes: int) -> DeviceAllocation:
+        self.make_current()
+        pointer = self._check("cuMemAlloc", self._cuda.cuMemAlloc(max(nbytes, 1)))
+        return DeviceAllocation(self, int(pointer), nbytes)
+
+    def free(self, pointer: int) -> None:
+        # Runs from garbage collection on any thread, possibly at interpreter exit: best effort, never raises.
+        # Work queued on the stream may still use the memory, so it finishes first.
+        cuda = self._cuda
+        cuda.cuCtxSetCurrent(self._context)
+        cuda.cuStreamSynchronize(self._stream)
+        cuda.cuMemFree(pointer)
+
+    def upload(self, pointer: int, array: np.ndarray) -> None:
+        """Host -> device, queued on the stream (ordered before later launches)."""
+        host = np.ascontiguousarray(array)
+        self._check(
+            "cuMemcpyHtoDAsync", self._cuda.cuMemcpyHtoDAsync(pointer, host.ctypes.data, host.nbytes, self._stream)
+        )
+        # A pageable source is staged before the call returns, but be explicit: `host` may be a temporary.
+        self.synchronize()
+
+    def download(self, pointer: int, out: np.ndarray) -> None:
+        """Device -> host into `out` (C-contiguous), after everything queued on the stream."""
+        self._check(
+            "cuMemcpyDtoHAsync", self._cuda.cuMemcpyDtoHAsync(out.ctypes.data, pointer, out.nbytes, self._stream)
+        )
+        self.synchronize()
+
+    def synchronize(self) -> None:
+        self._check("cuStreamSynchronize", self._cuda.cuStreamSynchronize(self._stream))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+_default: CudaDriver | None = None
+_default_lock = threading.Lock()
+
+
+def default_driver() -> CudaDriver:
+    """The process's driver for device 0, created on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = CudaDriver()
+        return _default
+
+
+def copy_to_host(pointer: int, out: np.ndarray) -> None:
+    """DeviceArray's default copy: device bytes at `pointer` into `out`."""
+    driver = default_driver()
+    driver.make_current()
+    driver.download(pointer, out)

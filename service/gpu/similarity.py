@@ -1,0 +1,325 @@
+"""Scores on the GPU: device-resident image embeddings against a label matrix, with the CUDA similarity kernel.
+
+`CudaSimilarity` keeps label matrices on the device in an LRU bounded in bytes (keyed by the label set and the
+image dtype, since fp16 embeddings are scored against an fp16 copy), launches the cosine GEMM and the fused
+softmax + top-k pass (service/kernels/similarity.cu), and copies back only the top k per image, or, when every
+label is wanted ranked, the cosines and probabilities of the whole row. The numpy path (service/similarity.py)
+stays the CPU path and the reference these results are tested against.
+
+Rows are scored in groups so the fp32 cosine workspace [group, C] stays within `workspace_bytes`. One launch
+sequence at a time (a lock): the workspace and the stream are shared, and each call is tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from service.gpu.device_array import DeviceArray, bfloat16_bits
+from service.gpu.driver import DeviceAllocation, Float32, Int32, KernelArgument, Pointer
+from service.kernels import DEFAULT_FATBIN, ENTRY_POINTS
+from service.similarity import Scoring
+
+log = logging.getLogger("clipserve.gpu")
+
+MAX_TOP_K = 128  # similarity.cuh's kMaxTopK: beyond it (or for every label) the whole row comes back
+ROW_THREADS = 256  # kRowThreads
+_GEMM_TILE = 64
+_GEMM_THREADS = {"float32": 256, "float16": 128, "bfloat16": 128}
+_COSINE_KERNELS = {
+    "float32": "clipserve_cosines_f32",
+    "float16": "clipserve_cosines_f16",
+    "bfloat16": "clipserve_cosines_bf16",
+}
+_ACTIVATIONS = {"softmax": 0, "sigmoid": 1}
+
+
+class Driver(Protocol):
+    """What this module needs of service.gpu.driver.CudaDriver (a host-memory fake in the tests)."""
+
+    def make_current(self) -> None: ...
+
+    def load_kernels(self, image: bytes, names: tuple[str, ...]) -> None: ...
+
+    def launch(self, name: str, grid: tuple[int, int], block: int, arguments: list[KernelArgument]) -> None: ...
+
+    def allocate(self, nbytes: int) -> DeviceAllocation: ...
+
+    def upload(self, pointer: int, array: np.ndarray) -> None: ...
+
+    def download(self, pointer: int, out: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """A label matrix [C, D] (float32, L2-normalised rows) and a key that names its contents."""
+
+    key: str
+    matrix: np.ndarray
+
+
+@dataclass(frozen=True)
+class RankedScores:
+    """Per image, labels by descending probability (ties by label order): indices, probabilities, cosines."""
+
+    indices: np.ndarray  # [B, K] int64
+    probabilities: np.ndarray  # [B, K] float64
+    cosines: np.ndarray  # [B, K] float32
+
+
+def _device_bits(matrix: np.ndarray, dtype: str) -> np.ndarray:
+    """Host bytes of `matrix` in the device dtype the kernel reads."""
+    if dtype == "float32":
+        return np.ascontiguousarray(matrix, dtype=np.float32)
+    if dtype == "float16":
+        return np.ascontiguousarray(matrix, dtype=np.float16)
+    return bfloat16_bits(matrix)
+
+
+class DeviceLabelCache:
+    """Label matrices on the device, least recently used first out, bounded in bytes."""
+
+    def __init__(self, driver: Driver, capacity_bytes: int) -> None:
+        self._driver, self.capacity_bytes = driver, capacity_bytes
+        self._entries: OrderedDict[tuple[str, str], DeviceAllocation] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, labels: LabelSet, dtype: str) -> DeviceAllocation:
+        key = (labels.key, dtype)
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return entry
+        self.misses += 1
+        bits = _device_bits(labels.matrix, dtype)
+        entry = self._driver.allocate(bits.nbytes)
+        self._driver.upload(entry.pointer, bits)
+        self._entries[key] = entry
+        self.bytes += entry.nbytes
+        # Evict down to the bound, but never the entry just added: a set larger than the bound is still scored.
+        while self.bytes > self.capacity_bytes and len(self._entries) > 1:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.nbytes
+            evicted.free()
+        return entry
+
+    def forget(self, key: str) -> None:
+        for cached in [cached for cached in self._entries if cached[0] == key]:
+            entry = self._entries.pop(cached)
+            self.bytes -= entry.nbytes
+            entry.free()
+
+    def clear(self) -> None:
+        for entry in self._entries.values():
+            entry.free()
+        self._entries.clear()
+        self.bytes = 0
+
+
+class _Buffers:
+    """Device scratch that only grows, one allocation per slot."""
+
+    def __init__(self, driver: Driver) -> None:
+        self._driver = driver
+        self._slots: dict[str, DeviceAllocation] = {}
+
+    def get(self, slot: str, nbytes: int) -> int:
+        current = self._slots.get(slot)
+        if current is None or current.nbytes < nbytes:
+            if current is not None:
+                current.free()
+            current = self._slots[slot] = self._driver.allocate(nbytes)
+        return current.pointer
+
+    def clear(self) -> None:
+        for allocation in self._slots.values():
+            allocation.free()
+        self._slots.clear()
+
+
+class CudaSimilarity:
+    """The GPU similarity step: device embeddings + a label set -> ranked labels on the host."""
+
+    def __init__(
+        self,
+        driver: Driver | None = None,
+        *,
+        fatbin: Path = DEFAULT_FATBIN,
+        label_cache_bytes: int = 512 * 1024 * 1024,
+        workspace_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        if driver is None:
+            from service.gpu.driver import default_driver
+
+            driver = default_driver()
+        self._driver = driver
+        fatbin = Path(fatbin)
+        if not fatbin.is_file():
+            raise FileNotFoundError(
+                f"the CUDA similarity kernel {fatbin} has not been built: run `make kernels` "
+                "(python -m service.kernels.build), which needs the CUDA toolkit's nvcc"
+            )
+        driver.make_current()
+        driver.load_kernels(fatbin.read_bytes(), ENTRY_POINTS)
+        self.labels = DeviceLabelCache(driver, label_cache_bytes)
+        self.workspace_bytes = workspace_bytes
+        self._buffers = _Buffers(driver)
+        self._lock = threading.Lock()
+
+    def rank(self, images: DeviceArray, labels: LabelSet, scoring: Scoring, top_k: int | None) -> RankedScores:
+        """Labels ranked per image; top_k None (or above MAX_TOP_K) ranks every label on the host."""
+        count, dim = labels.matrix.shape
+        if images.shape[1] != dim:
+            raise ValueError(f"image embeddings have {images.shape[1]} dimensions, the labels {dim}")
+        k = count if top_k is None else min(top_k, count)
+        rows = len(images)
+        if rows == 0:
+            empty = np.empty((0, k))
+            return RankedScores(empty.astype(np.int64), empty, empty.astype(np.float32))
+        with self._lock:
+            self._driver.make_current()
+            label_matrix = self.labels.get(labels, images.dtype)
+            group = max(1, min(rows, self.workspace_bytes // (count * 4)))
+            parts = [
+                self._rank_group(images.rows(start, min(start + group, rows)), label_matrix.pointer, count, scoring, k)
+                for start in range(0, rows, group)
+            ]
+        return RankedScores(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+
+    def _rank_group(
+        self, images: DeviceArray, labels: int, count: int, scoring: Scoring, k: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        driver, rows, dim = self._driver, len(images), images.shape[1]
+        cosines = self._buffers.get("cosines", rows * count * 4)
+        tiles = (-(-count // _GEMM_TILE), -(-rows // _GEMM_TILE))
+        driver.launch(
+            _COSINE_KERNELS[images.dtype],
+            tiles,
+            _GEMM_THREADS[images.dtype],
+            [Pointer(images.pointer), Pointer(labels), Int32(rows), Int32(count), Int32(dim), Pointer(cosines)],
+        )
+        if k > MAX_TOP_K:
+            return self._rank_on_host(cosines, rows, count, k, scoring)
+        top = self._softmax_topk(cosines, rows, count, k, scoring, probabilities=0)
+        out_cosine = np.empty((rows, k), np.float32)
+        out_probability = np.empty((rows, k), np.float32)
+        out_index = np.empty((rows, k), np.int32)
+        for pointer, out in zip(top, (out_cosine, out_probability, out_index), strict=True):
+            driver.download(pointer, out)
+        return out_index.astype(np.int64), out_probability.astype(np.float64), out_cosine
+
+    def _softmax_topk(
+        self, cosines: int, rows: int, count: int, k: int, scoring: Scoring, probabilities: int
+    ) -> tuple[int, int, int]:
+        """Launch the row kernel; returns the device addresses of its top-k cosines, probabilities and indices."""
+        top = tuple(self._buffers.get(slot, rows * k * 4) for slot in ("top_cosine", "top_probability", "top_index"))
+        self._driver.launch(
+            "clipserve_softmax_topk",
+            (rows, 1),
+            ROW_THREADS,
+            [
+                Pointer(cosines),
+                Int32(rows),
+                Int32(count),
+                Int32(k),
+                Float32(scoring.logit_scale),
+                Float32(scoring.logit_bias or 0.0),
+                Int32(_ACTIVATIONS[scoring.activation]),
+                *map(Pointer, top),
+                Pointer(probabilities),
+            ],
+        )
+        return top  # type: ignore[return-value]
+
+    def _rank_on_host(
+        self, cosines: int, rows: int, count: int, k: int, scoring: Scoring
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """More labels than the kernel's top-k holds: the kernel writes every probability (k = 1 is its cheapest
+        top-k), the whole rows come back and numpy sorts them, the same stable order as the CPU path."""
+        driver = self._driver
+        probabilities = self._buffers.get("probabilities", rows * count * 4)
+        self._softmax_topk(cosines, rows, count, 1, scoring, probabilities=probabilities)
+        host_cosines = np.empty((rows, count), np.float32)
+        host_probabilities = np.empty((rows, count), np.float32)
+        driver.download(cosines, host_cosines)
+        driver.download(probabilities, host_probabilities)
+        # By cosine, as the kernel ranks: fp32 probabilities of far-off labels underflow to equal zeros, cosines
+        # keep their order (the CPU path's float64 probabilities do too).
+        order = np.argsort(-host_cosines, axis=1, kind="stable")[:, :k]
+        return (
+            order.astype(np.int64),
+            np.take_along_axis(host_probabilities, order, axis=1).astype(np.float64),
+            np.take_along_axis(host_cosines, order, axis=1),
+        )
+
+    def self_test(self, dim: int) -> None:
+        """Score one known embedding against two labels; ValueError unless the kernel ranks them correctly."""
+        image = np.zeros((1, dim), np.float32)
+        image[0, 0] = 1.0
+        labels = np.zeros((2, dim), np.float32)
+        labels[0, 1] = labels[1, 0] = 1.0  # label 1 is the image itself
+        memory = self._driver.allocate(image.nbytes)
+        try:
+            self._driver.upload(memory.pointer, image)
+            result = self.rank(
+                DeviceArray(memory.pointer, (1, dim), "float32", memory),
+                LabelSet("self-test", labels),
+                Scoring(100.0, None, "softmax"),
+                2,
+            )
+        finally:
+            self.labels.forget("self-test")
+        if result.indices.tolist() != [[1, 0]] or not 0.999 < result.probabilities[0, 0] <= 1.0:
+            raise ValueError(f"the CUDA similarity kernel failed its self-test: {result}")
+
+    def close(self) -> None:
+        with self._lock:
+            self.labels.clear()
+            self._buffers.clear()
+
+
+def load_cuda_similarity(
+    mode: str, image_engine: object, *, fatbin: Path | None, label_cache_bytes: int, dim: int
+) -> CudaSimilarity | None:
+    """The CUDA similarity step for CLIPSERVE_SIMILARITY=`mode`, or None for the numpy path.
+
+    auto picks the kernel only when the image engine leaves its embeddings on a GPU and the kernel loads and
+    passes a self-test; cuda insists (a clear EngineError otherwise); numpy never loads it.
+    """
+    from service.engines.base import EngineError
+    from service.gpu.driver import CudaError
+
+    if mode == "numpy":
+        return None
+    description = getattr(image_engine, "description", type(image_engine).__name__)
+    if not getattr(image_engine, "device_resident", False):
+        if mode == "cuda":
+            raise EngineError(
+                f"CLIPSERVE_SIMILARITY=cuda needs an image engine that keeps embeddings on the GPU (torch on CUDA, "
+                f"onnxruntime with the CUDA or TensorRT provider, tensorrt); {description} does not"
+            )
+        log.info("similarity: numpy (%s returns host embeddings)", description)
+        return None
+    try:
+        similarity = CudaSimilarity(fatbin=fatbin or DEFAULT_FATBIN, label_cache_bytes=label_cache_bytes)
+        similarity.self_test(dim)
+    except (CudaError, OSError, ValueError) as error:
+        if mode == "cuda":
+            raise EngineError(
+                f"CLIPSERVE_SIMILARITY=cuda, but the CUDA similarity kernel is unusable: {error}"
+            ) from error
+        log.warning("similarity: numpy, because the CUDA kernel is unusable: %s", error)
+        return None
+    log.info("similarity: CUDA kernel on %s embeddings", description)
+    return similarity

@@ -1,0 +1,165 @@
+"""CudaSimilarity (service/gpu/similarity.py) against the CPU path, with the GPU faked at the driver boundary.
+
+HostMemoryDriver (host_kernels.py) stands in for the CUDA driver: device memory is host memory, the cosine GEMM
+is numpy and the softmax + top-k launch runs the kernel's own row code on host threads. What runs for real is
+everything CudaSimilarity does: the label LRU, dtype conversion, grouping rows under the workspace bound, the
+launch arguments, the host ranking path for large k. The real driver and kernels run in test_cuda_gpu.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float32
+from service.gpu.similarity import MAX_TOP_K, CudaSimilarity, LabelSet
+from service.kernels.build import build
+from service.similarity import Scoring, cosines, ranked
+from tests.service.kernels.host_kernels import HostMemoryDriver, HostRowKernel, nvcc_or_skip
+
+CLIP = Scoring(100.0, None, "softmax")
+SIGLIP = Scoring(117.3, -12.7, "sigmoid")
+
+
+@pytest.fixture(scope="module")
+def fatbin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("kernels") / "similarity.fatbin", nvcc_or_skip())
+
+
+@pytest.fixture
+def driver(host_kernel: HostRowKernel) -> HostMemoryDriver:
+    return HostMemoryDriver(host_kernel, threads=32)  # 32 host threads keep the tests quick; 256 in test_row_logic
+
+
+def unit(rng: np.random.Generator, rows: int, dim: int) -> np.ndarray:
+    x = rng.normal(size=(rows, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def on_device(matrix: np.ndarray, dtype: str) -> DeviceArray:
+    """The embeddings as an engine would leave them in (fake) device memory, in `dtype`."""
+    bits = {
+        "float32": lambda m: m.astype(np.float32),
+        "float16": lambda m: m.astype(np.float16),
+        "bfloat16": bfloat16_bits,
+    }[dtype](matrix)
+    bits = np.ascontiguousarray(bits)
+    return DeviceArray(bits.ctypes.data, matrix.shape, dtype, owner=bits)
+
+
+def rounded(matrix: np.ndarray, dtype: str) -> np.ndarray:
+    """What the kernel sees of a float32 matrix stored in `dtype`."""
+    if dtype == "float16":
+        return matrix.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return widen_to_float32(bfloat16_bits(matrix), dtype)
+    return matrix
+
+
+def expected(images: np.ndarray, labels: np.ndarray, scoring: Scoring, top_k: int | None):  # type: ignore[no-untyped-def]
+    scores = cosines(images, labels)
+    probabilities = scoring.probabilities(scores)
+    order = ranked(probabilities, top_k)
+    return order, np.take_along_axis(probabilities, order, 1), np.take_along_axis(scores, order, 1)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("top_k", [1, 5, 100, None])
+def test_ranks_like_the_cpu_path(driver: HostMemoryDriver, fatbin: Path, dtype: str, top_k: int | None) -> None:
+    rng = np.random.default_rng(7)
+    images, labels = unit(rng, 5, 64), unit(rng, 300, 64)
+    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    result = similarity.rank(on_device(images, dtype), LabelSet("animals", labels), CLIP, top_k)
+    order, probabilities, scores = expected(rounded(images, dtype), rounded(labels, dtype), CLIP, top_k)
+    np.testing.assert_array_equal(result.indices, order)
+    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.cosines, scores, rtol=0, atol=1e-6)
+    # Labels were uploaded in the image dtype: the label matrix is scored at the engine's precision.
+    kernel = {
+        "float32": "clipserve_cosines_f32",
+        "float16": "clipserve_cosines_f16",
+        "bfloat16": "clipserve_cosines_bf16",
+    }[dtype]
+    assert driver.launches[0][0] == kernel
+
+
+def test_sigmoid_scoring(driver: HostMemoryDriver, fatbin: Path) -> None:
+    rng = np.random.default_rng(8)
+    images, labels = unit(rng, 3, 32), unit(rng, 50, 32)
+    result = CudaSimilarity(driver, fatbin=fatbin).rank(on_device(images, "float32"), LabelSet("s", labels), SIGLIP, 7)
+    order, probabilities, _ = expected(images, labels, SIGLIP, 7)
+    np.testing.assert_array_equal(result.indices, order)
+    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
+
+
+def test_more_labels_than_the_kernel_top_k_are_ranked_on_the_host(driver: HostMemoryDriver, fatbin: Path) -> None:
+    rng = np.random.default_rng(9)
+    images, labels = unit(rng, 2, 32), unit(rng, MAX_TOP_K + 72, 32)
+    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    for top_k in (MAX_TOP_K + 1, None):
+        result = similarity.rank(on_device(images, "float32"), LabelSet("many", labels), CLIP, top_k)
+        order, probabilities, scores = expected(images, labels, CLIP, top_k)
+        np.testing.assert_array_equal(result.indices, order)
+        np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(result.cosines, scores, rtol=0, atol=1e-6)
+
+
+def test_rows_are_scored_in_groups_within_the_workspace(driver: HostMemoryDriver, fatbin: Path) -> None:
+    rng = np.random.default_rng(10)
+    images, labels = unit(rng, 10, 16), unit(rng, 40, 16)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, workspace_bytes=3 * 40 * 4)  # three rows of cosines
+    result = similarity.rank(on_device(images, "float32"), LabelSet("g", labels), CLIP, 3)
+    gemms = [launch for launch in driver.launches if launch[0].startswith("clipserve_cosines")]
+    assert [grid for _, grid, _ in gemms] == [(1, 1)] * 4  # rows 3 + 3 + 3 + 1
+    order, probabilities, _ = expected(images, labels, CLIP, 3)
+    np.testing.assert_array_equal(result.indices, order)
+    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
+
+
+def test_label_matrices_stay_on_the_device_in_an_lru_bounded_in_bytes(driver: HostMemoryDriver, fatbin: Path) -> None:
+    rng = np.random.default_rng(11)
+    images = on_device(unit(rng, 1, 16), "float32")
+    sets = [LabelSet(f"set{i}", unit(rng, 10, 16)) for i in range(3)]  # 640 bytes each in fp32
+    similarity = CudaSimilarity(driver, fatbin=fatbin, label_cache_bytes=2 * 640)
+    similarity.rank(images, sets[0], CLIP, 1)
+    similarity.rank(images, sets[0], CLIP, 1)
+    assert (similarity.labels.hits, similarity.labels.misses, driver.uploads) == (1, 1, 1)
+    similarity.rank(images, sets[1], CLIP, 1)
+    similarity.rank(images, sets[0], CLIP, 1)  # set0 is now the most recent
+    similarity.rank(images, sets[2], CLIP, 1)  # over the bound: set1 goes
+    assert similarity.labels.bytes == 2 * 640 and len(similarity.labels) == 2
+    uploads = driver.uploads
+    similarity.rank(images, sets[0], CLIP, 1)
+    assert driver.uploads == uploads  # still cached
+    similarity.rank(images, sets[1], CLIP, 1)
+    assert driver.uploads == uploads + 1  # evicted, uploaded again
+
+
+def test_a_label_set_larger_than_the_cache_is_still_scored(driver: HostMemoryDriver, fatbin: Path) -> None:
+    rng = np.random.default_rng(12)
+    images, labels = unit(rng, 2, 16), unit(rng, 100, 16)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, label_cache_bytes=10)
+    result = similarity.rank(on_device(images, "float32"), LabelSet("big", labels), CLIP, 2)
+    np.testing.assert_array_equal(result.indices, expected(images, labels, CLIP, 2)[0])
+
+
+def test_close_frees_every_device_allocation(driver: HostMemoryDriver, fatbin: Path) -> None:
+    rng = np.random.default_rng(13)
+    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    similarity.rank(on_device(unit(rng, 2, 16), "float16"), LabelSet("x", unit(rng, 20, 16)), CLIP, 2)
+    assert driver.live
+    similarity.close()
+    assert not driver.live
+
+
+def test_mismatched_dimensions_and_a_missing_fatbin_are_clear_errors(
+    driver: HostMemoryDriver, fatbin: Path, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(14)
+    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    with pytest.raises(ValueError, match="16 dimensions, the labels 32"):
+        similarity.rank(on_device(unit(rng, 1, 16), "float32"), LabelSet("x", unit(rng, 3, 32)), CLIP, 1)
+    with pytest.raises(FileNotFoundError, match="make kernels"):
+        CudaSimilarity(driver, fatbin=tmp_path / "missing.fatbin")
