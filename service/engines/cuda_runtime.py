@@ -9,12 +9,18 @@ The module imports the bindings only when memory is first asked for, so the serv
 
 from __future__ import annotations
 
+import logging
+import threading
+import weakref
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 from service.engines.base import EngineError
+
+log = logging.getLogger("clipserve.engines")
 
 GPU_EXTRA = "pip install 'clipserve[gpu]'"
 
@@ -78,12 +84,39 @@ def compute_capability(device: int = 0) -> str:
     return f"{major}.{minor}"
 
 
+class DeviceAllocation:
+    """Device memory owned by this object: `release(address)` runs once, when it is collected or `free()` is called.
+
+    It is what a `DeviceArray` keeps as its owner, so the memory lives exactly as long as the last view of it.
+    """
+
+    def __init__(self, address: int, nbytes: int, release: Callable[[int], None]) -> None:
+        self.address = address
+        self.nbytes = nbytes
+        # `release` must not refer to this object, or it would never be collected; finalize also runs it once only.
+        self._finalizer = weakref.finalize(self, release, address)
+        # At interpreter exit the CUDA context is being torn down with the process: nothing to hand back then.
+        self._finalizer.atexit = False
+
+    @property
+    def alive(self) -> bool:
+        return self._finalizer.alive
+
+    def free(self) -> None:
+        self._finalizer()
+
+    def __repr__(self) -> str:
+        return f"DeviceAllocation(0x{self.address:x}, {self.nbytes} bytes{'' if self.alive else ', freed'})"
+
+
 class CudaRuntimeMemory:
     """`DeviceMemory` (see service.engines.tensorrt) on cudaMalloc'd buffers and one CUDA stream.
 
     Buffers are kept per slot ("input", "output") and only grow, so a steady stream of batches allocates nothing.
-    The engine calls this from whichever worker thread runs the batch; all of them use device 0, the CUDA
-    runtime's default, so no per-thread cudaSetDevice is needed.
+    `allocate` is for memory that leaves the engine (device-resident embeddings): stream-ordered (cudaMallocAsync
+    from the device's pool, so no device-wide sync per batch) and freed when its owner is collected. The engine
+    calls this from whichever worker thread runs the batch; all of them use device 0, the CUDA runtime's default,
+    so no per-thread cudaSetDevice is needed.
     """
 
     def __init__(self, device: int = 0) -> None:
@@ -92,6 +125,9 @@ class CudaRuntimeMemory:
         self._stream = _check(cudart, "cudaStreamCreate", cudart.cudaStreamCreate())
         self._buffers: dict[str, tuple[int, int]] = {}  # slot -> (device address, bytes)
         self._closed = False
+        # Allocations are released from finalizers, on whichever thread drops the last view, possibly while this
+        # thread is inside close(): reentrant, so a finalizer run by the garbage collector mid-close cannot deadlock.
+        self._lock = threading.RLock()
 
     @property
     def stream_handle(self) -> int:
@@ -110,6 +146,31 @@ class CudaRuntimeMemory:
             self._buffers[slot] = (address, nbytes)
         return address
 
+    def allocate(self, nbytes: int) -> DeviceAllocation:
+        """`nbytes` of device memory, usable on this stream at once and elsewhere after `synchronize()`."""
+        cudart = self._cudart
+        with self._lock:
+            if self._closed:
+                raise EngineError("CUDA device memory is closed: no new allocations")
+            address = int(_check(cudart, "cudaMallocAsync", cudart.cudaMallocAsync(nbytes, self._stream)))
+        return DeviceAllocation(address, nbytes, self._release)
+
+    def _release(self, address: int) -> None:
+        # Called by a finalizer, so it logs instead of raising (an exception there only reaches stderr).
+        cudart = self._cudart
+        with self._lock:
+            if self._closed:
+                # The stream is gone (close waited for it first). CUDA allows cudaFree on pool memory from
+                # cudaMallocAsync; it waits for the device, but only views that outlive their engine pay for that.
+                what, result = "cudaFree", cudart.cudaFree(address)
+            else:
+                # Ordered after everything already queued on this stream. Work on other streams (the similarity
+                # kernel) must be finished by whoever held the view: dropping it is the promise that it is.
+                what, result = "cudaFreeAsync", cudart.cudaFreeAsync(address, self._stream)
+        if result[0] != cudart.cudaError_t.cudaSuccess:
+            _, name = cudart.cudaGetErrorName(result[0])
+            log.warning("CUDA %s of device-resident embeddings at 0x%x failed: %s", what, address, name.decode())
+
     def copy_in(self, address: int, array: np.ndarray) -> None:
         # From pageable memory, cudaMemcpyAsync returns once the bytes are staged, so `array` may go after it.
         cudart = self._cudart
@@ -125,13 +186,30 @@ class CudaRuntimeMemory:
         _check(cudart, "cudaMemcpyAsync", copy)
         _check(cudart, "cudaStreamSynchronize", cudart.cudaStreamSynchronize(self._stream))
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def copy_device(self, destination: int, source: int, nbytes: int) -> None:
         cudart = self._cudart
-        cudart.cudaStreamSynchronize(self._stream)
-        for address, _ in self._buffers.values():
-            cudart.cudaFree(address)
-        self._buffers.clear()
-        cudart.cudaStreamDestroy(self._stream)
+        kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        _check(cudart, "cudaMemcpyAsync", cudart.cudaMemcpyAsync(destination, source, nbytes, kind, self._stream))
+
+    def synchronize(self) -> None:
+        _check(self._cudart, "cudaStreamSynchronize", self._cudart.cudaStreamSynchronize(self._stream))
+
+    def copy_to_host(self, pointer: int, out: np.ndarray) -> None:
+        """Blocking device -> host copy outside this stream (cudaMemcpy), so it also works after close()."""
+        cudart = self._cudart
+        kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        _check(cudart, "cudaMemcpy", cudart.cudaMemcpy(out.ctypes.data, pointer, out.nbytes, kind))
+
+    def close(self) -> None:
+        # Allocations handed out stay valid: they belong to the device's pool, not to the stream, and are freed with
+        # cudaFree by their owners' finalizers once `_closed` is set (see _release).
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            cudart = self._cudart
+            cudart.cudaStreamSynchronize(self._stream)
+            for address, _ in self._buffers.values():
+                cudart.cudaFree(address)
+            self._buffers.clear()
+            cudart.cudaStreamDestroy(self._stream)

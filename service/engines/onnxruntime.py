@@ -6,6 +6,11 @@ engines it builds are cached in ``<model dir>/ort-tensorrt-cache/`` (keyed by ON
 the GPU), so only the first start on a machine pays for the build; when the model directory is read-only
 (a baked image, a read-only volume) the cache is off and every start rebuilds.
 
+With a CUDA or TensorRT provider first, `embed_on_device` keeps the embeddings on the GPU through IOBinding: the
+output is bound to CUDA memory that ONNX Runtime allocates per run, and the returned `DeviceArray` owns the
+OrtValue holding it. (`IOBinding.get_outputs()` returns copies of the binding's OrtValues, which share ownership
+of the tensor, so the memory stays valid after the binding is cleared, reused or collected.)
+
 Never imports torch: this is the slim serving install's engine.
 """
 
@@ -21,11 +26,14 @@ import numpy as np
 import onnxruntime as ort
 
 from service.engines.base import EngineError
+from service.gpu.device_array import DeviceArray
 
 log = logging.getLogger("clipserve.engines")
 
 CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+DEVICE_PROVIDERS = (TENSORRT_PROVIDER, CUDA_PROVIDER)  # providers whose outputs can stay in CUDA memory
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", CPU_PROVIDER)
 TENSORRT_CACHE_DIR = "ort-tensorrt-cache"
 
@@ -40,6 +48,8 @@ _NUMPY_DTYPES = {
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
 }
+# Output types the similarity kernel takes, as OrtValue.data_type() names them.
+_DEVICE_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}
 
 
 def choose_providers(requested: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -129,6 +139,7 @@ class OnnxRuntimeEngine:
         # The provider that actually took the graph, which may differ from the first requested one.
         self.provider = self._session.get_providers()[0]
         self.description = f"onnxruntime {self.provider} {precision} {path.name}"
+        self.device_resident = self.provider in DEVICE_PROVIDERS
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
         session = self._session
@@ -138,5 +149,59 @@ class OnnxRuntimeEngine:
         output = session.run(None, {self._input_name: feed})[0]
         return np.ascontiguousarray(output, dtype=np.float32)
 
+    def embed_on_device(self, inputs: np.ndarray) -> DeviceArray:
+        """Like `__call__`, but the [B, D] embeddings stay in CUDA memory, in the graph's output dtype."""
+        session = self._session
+        if session is None:
+            raise EngineError(f"{self.description} is closed")
+        if not self.device_resident:
+            raise EngineError(
+                f"{self.description}: embeddings stay on the device only with {' or '.join(DEVICE_PROVIDERS)} "
+                "first; this session computes on the host"
+            )
+        feed = np.ascontiguousarray(inputs, dtype=self._input_dtype)
+        device_id = _device_id(session, self.provider)
+        binding = session.io_binding()
+        binding.bind_cpu_input(self._input_name, feed)
+        # No buffer given: ONNX Runtime allocates a fresh output on the GPU each run (the batch size varies).
+        binding.bind_output(session.get_outputs()[0].name, "cuda", device_id)
+        try:
+            session.run_with_iobinding(binding)
+            # Run already waits for the provider's stream by default; this makes it explicit, because the
+            # similarity kernel reads the output from another stream.
+            binding.synchronize_outputs()
+        except Exception as error:  # onnxruntime raises its own exception types (a bad shape, out of memory)
+            raise EngineError(f"{self.description}: the IOBinding run failed: {error}") from error
+        return _device_array(binding.get_outputs()[0], device_id, self.description)
+
     def close(self) -> None:
         self._session = None
+
+
+def _device_id(session: Any, provider: str) -> int:
+    """The CUDA device the session's provider runs on (its "device_id" option; 0 when not set)."""
+    options = session.get_provider_options().get(provider, {})
+    return int(options.get("device_id", 0) or 0)
+
+
+def _device_array(value: Any, device_id: int, description: str) -> DeviceArray:
+    """A DeviceArray over a CUDA OrtValue, which stays its owner so ONNX Runtime's memory lives as long as it."""
+    dtype = _DEVICE_DTYPES.get(value.data_type())
+    shape = tuple(value.shape())
+    if value.device_name() != "cuda" or dtype is None or len(shape) != 2:
+        raise EngineError(
+            f"{description}: expected a 2-D float32/float16/bfloat16 CUDA output, got {value.data_type()} "
+            f"{list(shape)} on {value.device_name()}"
+        )
+    base = int(value.data_ptr())
+
+    def copy_to_host(pointer: int, out: np.ndarray) -> None:
+        # OrtValue.numpy() copies a CUDA tensor to the host with ONNX Runtime's own CUDA copy, so reading back
+        # needs no CUDA bindings of ours; a row view is the matching byte range of that copy.
+        offset = pointer - base
+        whole = np.ascontiguousarray(value.numpy()).reshape(-1).view(np.uint8)
+        if offset < 0 or offset + out.nbytes > whole.nbytes:
+            raise EngineError(f"{description}: bytes [{offset}, {offset + out.nbytes}) are outside the output")
+        out.reshape(-1).view(np.uint8)[:] = whole[offset : offset + out.nbytes]
+
+    return DeviceArray(base, (int(shape[0]), int(shape[1])), dtype, value, device=device_id, copy_to_host=copy_to_host)

@@ -5,6 +5,10 @@ the manifest records one build per ``tensorrt/<sm-arch>-trt<version>/`` director
 one for this machine. Device buffers and the CUDA stream come from NVIDIA's CUDA Python bindings
 (`service.engines.cuda_runtime`), behind the small `DeviceMemory` seam so that the logic runs in tests against
 fakes. tensorrt and the bindings are imported only when an engine is built, never at module import; torch never.
+
+`embed_on_device` leaves the embeddings in device memory for the similarity kernel: each call runs the plan into a
+fresh allocation owned by the returned `DeviceArray` (never the reused "output" slot, which the next batch
+overwrites), and waits for the engine's stream before handing it out, because the kernel runs on another stream.
 """
 
 from __future__ import annotations
@@ -13,15 +17,21 @@ import logging
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from models.manifest import Manifest, TensorRTBuild
 from service.engines.base import EngineError
-from service.engines.cuda_runtime import GPU_EXTRA, CudaRuntimeMemory
+from service.engines.cuda_runtime import GPU_EXTRA, CudaRuntimeMemory, DeviceAllocation
+from service.gpu.device_array import ITEMSIZE, DeviceArray, widen_to_float32
 
 log = logging.getLogger("clipserve.engines")
+
+# TensorRT's output types that the similarity kernel takes, by `trt.DataType` member name.
+DEVICE_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
+# IExecutionContext.setTensorAddress: "The pointer must have at least 256-byte alignment."
+TENSOR_ALIGNMENT = 256
 
 
 def load_tensorrt() -> ModuleType:
@@ -70,7 +80,21 @@ class DeviceMemory(Protocol):
 
     def copy_out(self, address: int, out: np.ndarray) -> None: ...  # device -> host, then waits for the stream
 
+    # Memory that outlives the call: freed when the returned object is collected, also after close().
+    def allocate(self, nbytes: int) -> DeviceAllocation: ...
+
+    def copy_device(self, destination: int, source: int, nbytes: int) -> None: ...  # device -> device, on the stream
+
+    def synchronize(self) -> None: ...  # waits for the stream
+
+    def copy_to_host(self, pointer: int, out: np.ndarray) -> None: ...  # blocking, off the stream, also after close()
+
     def close(self) -> None: ...
+
+
+def _type_name(trt_type: Any) -> str:
+    """ "HALF" for trt.DataType.HALF (pybind11 enums carry `.name`)."""
+    return str(getattr(trt_type, "name", trt_type))
 
 
 class TensorRTEngine:
@@ -102,6 +126,8 @@ class TensorRTEngine:
             raise
         # An execution context holds per-call shapes and addresses: one call at a time.
         self._lock = threading.Lock()
+        # Embeddings can be left on the GPU (embed_on_device) when the plan outputs a type the kernel takes.
+        self.device_resident = self._device_dtype is not None
         self.description = f"tensorrt {trt.__version__} {precision} {plan_path.parent.name}/{plan_path.name}"
 
     def _load(self, trt: ModuleType, plan_path: Path, input_name: str) -> None:
@@ -121,7 +147,12 @@ class TensorRTEngine:
             raise EngineError(f"{plan_path}: expected one input {input_name!r} and one output; found {names}")
         self._input_name, self._output_name = input_name, outputs[0]
         self._input_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(input_name)))
-        self._output_dtype = np.dtype(trt.nptype(self._engine.get_tensor_dtype(self._output_name)))
+        output_type = self._engine.get_tensor_dtype(self._output_name)
+        self._output_type_name = _type_name(output_type)
+        self._device_dtype = DEVICE_DTYPES.get(self._output_type_name)  # None: no device-resident path
+        # numpy has no bfloat16 (and trt.nptype refuses it): bf16 outputs come to the host as their uint16 bits.
+        bfloat16 = self._device_dtype == "bfloat16"
+        self._output_dtype = np.dtype(np.uint16) if bfloat16 else np.dtype(trt.nptype(output_type))
         self._context = self._engine.create_execution_context()
         if self._context is None:
             raise EngineError(f"TensorRT could not create an execution context for {plan_path} (out of GPU memory?)")
@@ -137,22 +168,82 @@ class TensorRTEngine:
             context = self._context
             if context is None:
                 raise EngineError(f"{self.description} is closed")
-            host = np.ascontiguousarray(inputs, dtype=self._input_dtype)
-            if not context.set_input_shape(self._input_name, host.shape):
-                raise EngineError(
-                    f"{self.description}: input shape {host.shape} is outside the engine's optimisation profile"
-                )
+            self._bind_input(context, inputs)
             output = np.empty(tuple(context.get_tensor_shape(self._output_name)), self._output_dtype)
             memory = self._memory
-            input_address = memory.buffer("input", host.nbytes)
             output_address = memory.buffer("output", output.nbytes)
-            memory.copy_in(input_address, host)
-            context.set_tensor_address(self._input_name, input_address)
             context.set_tensor_address(self._output_name, output_address)
             if not context.execute_async_v3(memory.stream_handle):
                 raise EngineError(f"{self.description}: TensorRT failed to enqueue the batch")
             memory.copy_out(output_address, output)
+        if self._device_dtype == "bfloat16":
+            return widen_to_float32(output, "bfloat16")
         return np.ascontiguousarray(output, dtype=np.float32)
+
+    def embed_on_device(self, inputs: np.ndarray) -> DeviceArray:
+        """Like `__call__`, but the [B, D] embeddings stay in device memory, in the plan's output dtype.
+
+        Batches above the profile's max run in chunks whose outputs land in consecutive rows of one allocation:
+        written there directly when the rows start on TensorRT's 256-byte alignment, else through the "output"
+        slot and a device-to-device copy.
+        """
+        dtype = self._device_dtype
+        if dtype is None:
+            raise EngineError(
+                f"{self.description}: its output type {self._output_type_name} cannot stay on the device; the "
+                f"similarity kernel takes {', '.join(DEVICE_DTYPES)} outputs"
+            )
+        rows = len(inputs)
+        # An empty batch still runs once, so that it meets the profile check with the same error as __call__.
+        step = self.max_batch_size or max(rows, 1)
+        with self._lock:
+            context = self._context
+            if context is None:
+                raise EngineError(f"{self.description} is closed")
+            memory = self._memory
+            allocation: DeviceAllocation | None = None
+            row_bytes = 0
+            for start in range(0, max(rows, 1), step):
+                host = self._bind_input(context, inputs[start : start + step])
+                shape = tuple(context.get_tensor_shape(self._output_name))
+                if len(shape) != 2 or shape[0] != len(host):
+                    raise EngineError(
+                        f"{self.description}: output shape {shape} for a batch of {len(host)}; expected [batch, dim]"
+                    )
+                if allocation is None:  # the embedding width is fixed by the plan: known after the first shape
+                    row_bytes = shape[1] * ITEMSIZE[dtype]
+                    allocation = memory.allocate(rows * row_bytes)
+                target, nbytes = allocation.address + start * row_bytes, len(host) * row_bytes
+                direct = target % TENSOR_ALIGNMENT == 0
+                output_address = target if direct else memory.buffer("output", nbytes)
+                context.set_tensor_address(self._output_name, output_address)
+                if not context.execute_async_v3(memory.stream_handle):
+                    raise EngineError(f"{self.description}: TensorRT failed to enqueue the batch")
+                if not direct:
+                    memory.copy_device(target, output_address, nbytes)
+            # The kernel that reads these rows runs on another stream: it may start only once this one is done.
+            memory.synchronize()
+        assert allocation is not None  # the loop ran at least once and allocated, or raised
+        return DeviceArray(
+            allocation.address,
+            (rows, row_bytes // ITEMSIZE[dtype]),
+            dtype,
+            allocation,
+            copy_to_host=memory.copy_to_host,
+        )
+
+    def _bind_input(self, context: Any, inputs: np.ndarray) -> np.ndarray:
+        """Sets the batch shape and copies the inputs into the "input" slot; the host array that was sent."""
+        host = np.ascontiguousarray(inputs, dtype=self._input_dtype)
+        if not context.set_input_shape(self._input_name, host.shape):
+            raise EngineError(
+                f"{self.description}: input shape {host.shape} is outside the engine's optimisation profile"
+            )
+        memory = self._memory
+        input_address = memory.buffer("input", host.nbytes)
+        memory.copy_in(input_address, host)
+        context.set_tensor_address(self._input_name, input_address)
+        return host
 
     def close(self) -> None:
         with self._lock:
