@@ -1,7 +1,8 @@
 # clipserve images, two targets (deploy/README.md has the whole story):
 #
 #   docker build --target cpu -t clipserve:cpu .   slim Python, ONNX Runtime on the CPU, no torch
-#   docker build --target gpu -t clipserve:gpu .   NVIDIA CUDA runtime, onnxruntime-gpu, TensorRT, cuda-bindings
+#   docker build --target gpu -t clipserve:gpu .   NVIDIA CUDA runtime, onnxruntime-gpu, TensorRT, cuda-bindings,
+#                                                  the CUDA similarity kernel
 #
 # Both run as the non-root user clipserve (uid 10001, numeric so that Kubernetes' runAsNonRoot can check it),
 # listen on 0.0.0.0:8000 and serve the model repository at /models, which holds the built-in demo model until a
@@ -13,6 +14,8 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 # CUDA 13 with cuDNN 9: what onnxruntime-gpu's PyPI wheels (1.27 and later) and tensorrt-cu13 are built against.
 # 13.0, the first CUDA 13 release, so that every CUDA 13 driver (580 and newer) passes the NVIDIA runtime's check.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# The same CUDA release with its compiler, only to build the similarity kernel's fatbin.
+ARG CUDA_DEVEL_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu24.04
 
 # ---------------------------------------------------------------------------------------------------- cpu ----
 FROM ${PYTHON_IMAGE} AS cpu-deps
@@ -64,15 +67,28 @@ WORKDIR /src
 COPY deploy/docker/install.sh pyproject.toml ./
 RUN ./install.sh deps gpu
 
+# The CUDA similarity kernel: nvcc compiles it ahead of time into a fatbin for every supported GPU family (plus
+# PTX for newer ones), so the serving image needs neither the compiler nor a GPU at build time.
+FROM ${CUDA_DEVEL_IMAGE} AS gpu-kernels
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY service/__init__.py service/__init__.py
+COPY service/kernels service/kernels
+RUN python3 -m service.kernels.build
+
 FROM gpu-deps AS gpu-app
 COPY README.md ./
 COPY models models
 COPY export export
 COPY service service
+# Before the install, so the package (service/kernels/*.fatbin is package data) carries it.
+COPY --from=gpu-kernels /src/service/kernels/similarity.fatbin service/kernels/similarity.fatbin
 RUN ./install.sh app
 
 FROM gpu-base AS gpu
-# The CUDA similarity kernel (a fatbin compiled by nvcc in a CUDA devel stage) joins here once it exists.
 COPY --from=gpu-deps /opt/clipserve /opt/clipserve
 COPY --from=gpu-app /install/ /opt/clipserve/
 COPY --chown=clipserve:clipserve models/demo/repository/ /models/

@@ -45,7 +45,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             {"model": model.name, "engine": pipeline.engines.image.description, "content_hash": model.content_hash}
         )
         app.state.pipeline = pipeline
-        log.info("serving %s with %s", model.name, pipeline.engines.image.description)
+        log.info(
+            "serving %s with %s, similarity on %s",
+            model.name,
+            pipeline.engines.image.description,
+            pipeline.similarity_backend,
+        )
         yield
     finally:
         app.state.pipeline = None

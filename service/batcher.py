@@ -3,6 +3,9 @@
 `submit` queues one item (rows [n, ...]) with its own future. One worker task takes items in arrival order,
 joins them into a batch of at most `max_batch_size` rows, waits at most `max_wait_ms` for more to arrive,
 runs the blocking engine in a thread and hands each item back its own rows of the output.
+
+The output is anything with a length in rows and row slicing: a host array, or a DeviceArray when the engine
+leaves embeddings on the GPU (service/gpu), which is sliced without a copy.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +31,16 @@ log = logging.getLogger("clipserve.batcher")
 class _Item:
     rows: np.ndarray
     deadline: float  # time.monotonic()
-    future: asyncio.Future[np.ndarray]
+    future: asyncio.Future[Any]
     submitted: float = field(default_factory=time.monotonic)
     queued: bool = True  # still in the queue, i.e. counted in `depth`
+
+
+def _row_count(output: Any) -> int | str:
+    if isinstance(output, np.ndarray):
+        return len(output) if output.ndim else "no"
+    shape = getattr(output, "shape", None)
+    return shape[0] if isinstance(shape, tuple) and shape else "no"
 
 
 class _Abandoned(Exception):
@@ -40,7 +51,7 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        run: Callable[[np.ndarray], np.ndarray],
+        run: Callable[[np.ndarray], Any],  # rows -> an output of as many rows (np.ndarray or DeviceArray)
         *,
         max_batch_size: int,
         max_wait_ms: float,
@@ -89,7 +100,7 @@ class DynamicBatcher:
         if self._owns_executor:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, rows: np.ndarray, *, deadline: float) -> np.ndarray:
+    async def submit(self, rows: np.ndarray, *, deadline: float) -> Any:
         """Queue `rows` [n, ...] and return the engine's output rows for them, aligned one for one."""
         if self._worker is None or self._stopping:
             raise NotReady(f"the {self.name} batcher is not running")
@@ -188,12 +199,14 @@ class DynamicBatcher:
             for item in live:
                 self._fail(item, error, None)
             return
-        bounds = np.cumsum([len(item.rows) for item in live])[:-1]
-        for item, part in zip(live, np.split(outputs, bounds), strict=True):
+        start = 0
+        for item in live:
+            stop = start + len(item.rows)
             if not item.future.done():  # its caller may have timed out or gone away meanwhile
-                item.future.set_result(part)
+                item.future.set_result(outputs[start:stop])
+            start = stop
 
-    async def _call_engine(self, inputs: np.ndarray, items: list[_Item]) -> np.ndarray:
+    async def _call_engine(self, inputs: np.ndarray, items: list[_Item]) -> Any:
         # Only an item bigger than max_batch_size needs more than one call.
         loop = asyncio.get_running_loop()
         parts = []
@@ -210,11 +223,16 @@ class DynamicBatcher:
             finally:
                 self._metrics.engine_seconds.labels(self.name).observe(time.perf_counter() - began)
             # A short output would shift every later caller onto someone else's rows: refuse it outright.
-            got = len(output) if isinstance(output, np.ndarray) and output.ndim else "no"
+            got = _row_count(output)
             if got != len(chunk):
                 raise ServiceError(f"the {self.name} engine returned {got} rows for {len(chunk)} inputs")
             parts.append(output)
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        if not all(isinstance(part, np.ndarray) for part in parts):
+            # Device outputs are not joined here; callers submit at most max_batch_size rows at a time instead.
+            raise ServiceError(f"the {self.name} engine's device outputs cannot span several engine calls")
+        return np.concatenate(parts)
 
     def _abandon(self, *, in_engine_too: bool) -> None:
         """Stop accepting items and fail every waiting one with NotReady."""

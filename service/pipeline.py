@@ -2,18 +2,23 @@
 
 Images are decoded and preprocessed in a thread pool, then queued on the image batcher; label vectors come
 from the label cache, whose misses are tokenized in the pool and queued on the (separate, smaller) text
-batcher. Both halves of a /classify run concurrently; the similarity step joins them.
+batcher. Both halves of a /classify run concurrently; the similarity step joins them: numpy on the host, or
+the CUDA kernel when the image engine leaves embeddings on the GPU (then only the top k comes back, and
+/embed copies back the embeddings it returns).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -22,11 +27,12 @@ from service import images
 from service.batcher import DynamicBatcher
 from service.engines.factory import EnginePair
 from service.errors import InvalidInput, ServiceError
+from service.gpu.similarity import CudaSimilarity, LabelSet, RankedScores, load_cuda_similarity
 from service.label_cache import LabelCache
 from service.metrics import Metrics
 from service.model import ServedModel
 from service.settings import Settings
-from service.similarity import cosines, ranked
+from service.similarity import Scoring, cosines, ranked
 
 CACHE_KEY_VERSION = "v1"  # bump when the vector recipe changes, so old Redis entries are never read
 
@@ -34,9 +40,7 @@ CACHE_KEY_VERSION = "v1"  # bump when the vector recipe changes, so old Redis en
 @dataclass(frozen=True)
 class Classification:
     labels: list[str]
-    probabilities: np.ndarray  # [N, C]
-    cosines: np.ndarray  # [N, C]
-    order: np.ndarray  # [N, K] label indices, most probable first
+    ranked: RankedScores  # per image: label indices, probabilities and cosines, most probable first
     images_ms: float
     labels_ms: float
     similarity_ms: float
@@ -66,9 +70,17 @@ class Pipeline:
         self.decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="clipserve-decode")
         image_limit = engines.image.max_batch_size or settings.max_batch_size
         text_limit = engines.text.max_batch_size or settings.text_max_batch_size
+        self.cuda_similarity: CudaSimilarity | None = load_cuda_similarity(
+            settings.similarity,
+            engines.image,
+            fatbin=settings.cuda_kernels,
+            label_cache_bytes=int(settings.gpu_label_cache_mb * 1024 * 1024),
+            dim=model.manifest.embed_dim,
+        )
+        self.similarity_backend = "cuda" if self.cuda_similarity else "numpy"
         self.image_batcher = DynamicBatcher(
             "image",
-            engines.image,
+            engines.image.embed_on_device if self.cuda_similarity else engines.image,  # type: ignore[attr-defined]
             max_batch_size=min(settings.max_batch_size, image_limit),
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -105,6 +117,8 @@ class Pipeline:
         await self.image_batcher.stop()
         await self.text_batcher.stop()
         await self.label_cache.close()
+        if self.cuda_similarity is not None:
+            self.cuda_similarity.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
     def deadline(self) -> float:
@@ -145,14 +159,29 @@ class Pipeline:
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return pixels
 
-    async def embed_images(self, blobs: Sequence[bytes], params: Sequence[str], deadline: float) -> np.ndarray:
+    async def _image_embeddings(self, blobs: Sequence[bytes], params: Sequence[str], deadline: float) -> list[Any]:
+        """The engine's output for the images, in parts of at most one engine batch: host arrays, or DeviceArrays
+        on the GPU path (the batcher slices those but cannot join them across engine calls)."""
         loop = asyncio.get_running_loop()
         jobs = [
             loop.run_in_executor(self.decode_pool, self._preprocess_one, b, p)
             for b, p in zip(blobs, params, strict=True)
         ]
-        pixels = await asyncio.gather(*jobs)
-        return await self.image_batcher.submit(np.stack(pixels), deadline=deadline)
+        pixels = np.stack(await asyncio.gather(*jobs))
+        step = self.image_batcher.max_batch_size if self.cuda_similarity else len(pixels)
+        parts = [
+            self.image_batcher.submit(pixels[i : i + step], deadline=deadline) for i in range(0, len(pixels), step)
+        ]
+        return list(await asyncio.gather(*parts))
+
+    async def embed_images(self, blobs: Sequence[bytes], params: Sequence[str], deadline: float) -> np.ndarray:
+        """Normalised image embeddings [N, D] on the host."""
+        parts = await self._image_embeddings(blobs, params, deadline)
+        if self.cuda_similarity is None:
+            return parts[0]
+        loop = asyncio.get_running_loop()
+        host = [await loop.run_in_executor(self.decode_pool, part.to_host) for part in parts]  # blocking copies
+        return np.concatenate(host)
 
     async def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Prompts -> normalised text embeddings, through the text batcher (the label cache's encoder)."""
@@ -185,9 +214,9 @@ class Pipeline:
         self.check_image_count(len(blobs))
         deadline = self.deadline()
 
-        async def timed_images() -> tuple[np.ndarray, float]:
+        async def timed_images() -> tuple[list[Any], float]:
             start = time.perf_counter()
-            return await self.embed_images(blobs, params, deadline), _elapsed_ms(start)
+            return await self._image_embeddings(blobs, params, deadline), _elapsed_ms(start)
 
         async def timed_labels() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
@@ -200,9 +229,32 @@ class Pipeline:
                 label_task = group.create_task(timed_labels())
         except ExceptionGroup as failed:
             raise _first_service_error(failed) from None
-        (image_embeddings, images_ms), (label_matrix, labels_ms) = image_task.result(), label_task.result()
+        (image_parts, images_ms), (label_matrix, labels_ms) = image_task.result(), label_task.result()
         start = time.perf_counter()
-        scores = cosines(image_embeddings, label_matrix)
-        probabilities = self.model.scoring.probabilities(scores)
-        order = ranked(probabilities, top_k)
-        return Classification(labels, probabilities, scores, order, images_ms, labels_ms, _elapsed_ms(start))
+        if self.cuda_similarity is None:
+            result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, top_k)
+        else:
+            label_set = LabelSet(self._label_set_key(labels, resolved), label_matrix)
+            rank = partial(self.cuda_similarity.rank, labels=label_set, scoring=self.model.scoring, top_k=top_k)
+            loop = asyncio.get_running_loop()
+            parts = [await loop.run_in_executor(self.decode_pool, rank, part) for part in image_parts]
+            result = parts[0] if len(parts) == 1 else RankedScores(*map(np.concatenate, zip(*parts, strict=True)))
+        return Classification(labels, result, images_ms, labels_ms, _elapsed_ms(start))
+
+    def _label_set_key(self, labels: Sequence[str], templates: Sequence[str]) -> str:
+        """Names a label matrix by what it is made of, for the GPU's label cache (the vectors' own namespace
+        already names the model and precision)."""
+        digest = hashlib.blake2b(json.dumps([list(labels), list(templates)]).encode(), digest_size=16).hexdigest()
+        return f"{self.label_cache.namespace}:{digest}"
+
+
+def rank_on_host(images: np.ndarray, label_matrix: np.ndarray, scoring: Scoring, top_k: int | None) -> RankedScores:
+    """The CPU similarity path: every cosine and probability in numpy, then the top k."""
+    scores = cosines(images, label_matrix)
+    probabilities = scoring.probabilities(scores)
+    order = ranked(probabilities, top_k)
+    return RankedScores(
+        order.astype(np.int64),
+        np.take_along_axis(probabilities, order, axis=1),
+        np.take_along_axis(scores, order, axis=1),
+    )

@@ -116,15 +116,13 @@ def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schem
     results = [
         schemas.ImageResult(
             labels=[
-                schemas.LabelScore(
-                    label=result.labels[c],
-                    probability=float(result.probabilities[i, c]),
-                    score=float(result.cosines[i, c]),
-                )
-                for c in row
+                schemas.LabelScore(label=result.labels[c], probability=float(p), score=float(score))
+                for c, p, score in zip(indices, probabilities, scores, strict=True)
             ]
         )
-        for i, row in enumerate(result.order)
+        for indices, probabilities, scores in zip(
+            result.ranked.indices, result.ranked.probabilities, result.ranked.cosines, strict=True
+        )
     ]
     timing = schemas.Timing(
         total_ms=round(total_ms, 3),

@@ -14,7 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EngineKind = Literal["onnxruntime", "tensorrt", "torch"]
-Precision = Literal["fp32", "fp16", "int8"]
+Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
 class Settings(BaseSettings):
@@ -31,7 +31,10 @@ class Settings(BaseSettings):
     )
     model: str | None = Field(None, description="Model name in the repository; unset: the built-in demo model.")
     engine: EngineKind = Field("onnxruntime", description="Runtime for both encoders.")
-    precision: Precision = Field("fp32", description="Which exported graphs to run.")
+    precision: Precision = Field(
+        "fp32",
+        description="Which exported graphs to run; for the torch engine, what it computes in (fp16, bf16 on GPU).",
+    )
     tensorrt_precision: Literal["fp16", "bf16", "fp32"] = Field(
         "fp16",
         description="Precision of the TensorRT plans `clipserve build-engines` (the gpu image's entrypoint) builds.",
@@ -40,8 +43,25 @@ class Settings(BaseSettings):
         default_factory=list, description="ONNX Runtime providers in order of preference; empty: best installed."
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0: its default.")
+    torch_cuda_graphs: bool = Field(
+        True, description="The torch engine on a GPU replays CUDA graphs captured per batch-size bucket."
+    )
     torch_model: str | None = Field(
         None, description="models.zoo reference for the torch engine when the manifest cannot name its weights."
+    )
+
+    # --- GPU path ----------------------------------------------------------------------------------------------
+    similarity: Literal["auto", "numpy", "cuda"] = Field(
+        "auto",
+        description="Scoring: the CUDA kernel on embeddings left on the GPU, or numpy on the host; auto: the "
+        "kernel when the image engine keeps embeddings on a GPU and the kernel loads.",
+    )
+    cuda_kernels: Path | None = Field(
+        None, description="The similarity kernel's fatbin; unset: the one `make kernels` builds into the package."
+    )
+    gpu_label_cache_mb: float = Field(512.0, ge=0, description="Label matrices kept on the GPU, in MiB.")
+    preprocess_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="Decode and resize images on the CPU (exact, the default) or on the GPU (nvJPEG)."
     )
 
     # --- batching ----------------------------------------------------------------------------------------------
