@@ -212,18 +212,16 @@ class CudaSimilarity:
         if k > MAX_TOP_K:
             return self._rank_on_host(cosines, rows, count, k, scoring)
         top = self._softmax_topk(cosines, rows, count, k, scoring, probabilities=0)
-        out_cosine = np.empty((rows, k), np.float32)
-        out_probability = np.empty((rows, k), np.float32)
-        out_index = np.empty((rows, k), np.int32)
-        for pointer, out in zip(top, (out_cosine, out_probability, out_index), strict=True):
-            driver.download(pointer, out)
-        return out_index.astype(np.int64), out_probability.astype(np.float64), out_cosine
+        # The three outputs are adjacent: one copy (and one wait) brings them all back.
+        out = np.empty((3, rows, k), np.float32)
+        driver.download(top, out)
+        return out[2].view(np.int32).astype(np.int64), out[1].astype(np.float64), out[0]
 
-    def _softmax_topk(
-        self, cosines: int, rows: int, count: int, k: int, scoring: Scoring, probabilities: int
-    ) -> tuple[int, int, int]:
-        """Launch the row kernel; returns the device addresses of its top-k cosines, probabilities and indices."""
-        top = tuple(self._buffers.get(slot, rows * k * 4) for slot in ("top_cosine", "top_probability", "top_index"))
+    def _softmax_topk(self, cosines: int, rows: int, count: int, k: int, scoring: Scoring, probabilities: int) -> int:
+        """Launch the row kernel; returns the device address of its output, [3, rows, k] of 4-byte values: the
+        top-k cosines, probabilities and label indices."""
+        block = self._buffers.get("top", 3 * rows * k * 4)
+        top = (block, block + rows * k * 4, block + 2 * rows * k * 4)
         self._driver.launch(
             "clipserve_softmax_topk",
             (rows, 1),
@@ -240,7 +238,7 @@ class CudaSimilarity:
                 Pointer(probabilities),
             ],
         )
-        return top  # type: ignore[return-value]
+        return block
 
     def _rank_on_host(
         self, cosines: int, rows: int, count: int, k: int, scoring: Scoring

@@ -26,28 +26,40 @@ struct CudaBlock {
   __device__ uint32_t atomic_add(uint32_t* address, uint32_t value) const { return atomicAdd(address, value); }
 };
 
-__device__ __forceinline__ float widen(float x) { return x; }
-__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
-__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
-
 constexpr int kTile = 64;  // a GEMM block computes 64 images x 64 labels
 
 // fp32: 256 threads, each a 4x4 sub-tile, operands staged through shared memory 16 dimensions at a time.
-template <typename T>
-__device__ void cosines_fma(const T* images, const T* labels, int rows, int count, int dim, float* cosines) {
+__device__ void cosines_fma(const float* images, const float* labels, int rows, int count, int dim, float* cosines) {
   constexpr int kDepth = 16;
   __shared__ float image_tile[kDepth][kTile + 4];  // [d][image]: the +4 keeps the 4-wide reads conflict-free
   __shared__ float label_tile[kDepth][kTile + 4];
   const int t = static_cast<int>(threadIdx.x);
   const int row0 = static_cast<int>(blockIdx.y) * kTile, col0 = static_cast<int>(blockIdx.x) * kTile;
   const int tm = (t / 16) * 4, tn = (t % 16) * 4;
+  // 16-byte loads when every row starts 16-byte aligned (D a multiple of 4 and aligned bases, as engine outputs
+  // are); element loads otherwise. The branch is uniform across the grid.
+  const bool vector = dim % 4 == 0 && (reinterpret_cast<uintptr_t>(images) | reinterpret_cast<uintptr_t>(labels)) % 16 == 0;
   float acc[4][4] = {};
   for (int d0 = 0; d0 < dim; d0 += kDepth) {
-    for (int e = t; e < kTile * kDepth; e += 256) {
-      const int m = e / kDepth, d = d0 + e % kDepth;
-      const int r = row0 + m, c = col0 + m;
-      image_tile[e % kDepth][m] = (r < rows && d < dim) ? widen(images[static_cast<size_t>(r) * dim + d]) : 0.0f;
-      label_tile[e % kDepth][m] = (c < count && d < dim) ? widen(labels[static_cast<size_t>(c) * dim + d]) : 0.0f;
+    if (vector) {
+      for (int e = t; e < kTile * (kDepth / 4); e += 256) {
+        const int m = e / (kDepth / 4), part = (e % (kDepth / 4)) * 4, d = d0 + part;
+        const int r = row0 + m, c = col0 + m;
+        float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
+        if (r < rows && d < dim) a = *reinterpret_cast<const float4*>(images + static_cast<size_t>(r) * dim + d);
+        if (c < count && d < dim) b = *reinterpret_cast<const float4*>(labels + static_cast<size_t>(c) * dim + d);
+        image_tile[part][m] = a.x, image_tile[part + 1][m] = a.y, image_tile[part + 2][m] = a.z;
+        image_tile[part + 3][m] = a.w;
+        label_tile[part][m] = b.x, label_tile[part + 1][m] = b.y, label_tile[part + 2][m] = b.z;
+        label_tile[part + 3][m] = b.w;
+      }
+    } else {
+      for (int e = t; e < kTile * kDepth; e += 256) {
+        const int m = e / kDepth, d = d0 + e % kDepth;
+        const int r = row0 + m, c = col0 + m;
+        image_tile[e % kDepth][m] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : 0.0f;
+        label_tile[e % kDepth][m] = (c < count && d < dim) ? labels[static_cast<size_t>(c) * dim + d] : 0.0f;
+      }
     }
     __syncthreads();
 #pragma unroll
@@ -88,12 +100,26 @@ __device__ void cosines_wmma(const T* images, const T* labels, int rows, int cou
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  // 16-byte loads (8 elements) when every row starts 16-byte aligned, element loads otherwise (uniform branch).
+  const bool vector = dim % 8 == 0 && (reinterpret_cast<uintptr_t>(images) | reinterpret_cast<uintptr_t>(labels)) % 16 == 0;
   for (int d0 = 0; d0 < dim; d0 += kDepth) {
-    for (int e = t; e < kTile * kDepth; e += 128) {
-      const int m = e / kDepth, d = d0 + e % kDepth;
-      const int r = row0 + m, c = col0 + m;
-      image_tile[m][e % kDepth] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : zero;
-      label_tile[m][e % kDepth] = (c < count && d < dim) ? labels[static_cast<size_t>(c) * dim + d] : zero;
+    if (vector) {
+      for (int e = t; e < kTile * (kDepth / 8); e += 128) {
+        const int m = e / (kDepth / 8), part = (e % (kDepth / 8)) * 8, d = d0 + part;
+        const int r = row0 + m, c = col0 + m;
+        uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;  // all-zero bits are +0 in fp16 and bf16
+        if (r < rows && d < dim) a = *reinterpret_cast<const uint4*>(images + static_cast<size_t>(r) * dim + d);
+        if (c < count && d < dim) b = *reinterpret_cast<const uint4*>(labels + static_cast<size_t>(c) * dim + d);
+        *reinterpret_cast<uint4*>(&image_tile[m][part]) = a;
+        *reinterpret_cast<uint4*>(&label_tile[m][part]) = b;
+      }
+    } else {
+      for (int e = t; e < kTile * kDepth; e += 128) {
+        const int m = e / kDepth, d = d0 + e % kDepth;
+        const int r = row0 + m, c = col0 + m;
+        image_tile[m][e % kDepth] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : zero;
+        label_tile[m][e % kDepth] = (c < count && d < dim) ? labels[static_cast<size_t>(c) * dim + d] : zero;
+      }
     }
     __syncthreads();
 #pragma unroll
