@@ -11,6 +11,7 @@
 // a 64-label slice: fusing would mean per-slice partial states and up to k candidates per slice (100 x 1,563
 // slices x B rows at C = 100,000) merged afterwards, more traffic than re-reading cosines that are still in L2.
 // The host side bounds the workspace by launching in groups of rows.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -24,6 +25,14 @@ struct CudaBlock {
   __device__ int size() const { return static_cast<int>(blockDim.x); }
   __device__ void sync() const { __syncthreads(); }
   __device__ uint32_t atomic_add(uint32_t* address, uint32_t value) const { return atomicAdd(address, value); }
+  // Cosines of one row are close together, so most keys of a radix pass fall into one bin: plain atomics would
+  // serialise 32 ways per warp. Lanes with the same bin add once, by their count.
+  __device__ void histogram_add(uint32_t* histogram, uint32_t bin) const {
+    namespace cg = cooperative_groups;
+    const cg::coalesced_group active = cg::coalesced_threads();
+    const cg::coalesced_group same = cg::labeled_partition(active, bin);
+    if (same.thread_rank() == 0) atomicAdd(&histogram[bin], same.size());
+  }
 };
 
 constexpr int kTile = 64;  // a GEMM block computes 64 images x 64 labels

@@ -2,7 +2,7 @@
 // the top-k labels by score, ties broken by label order. Written once, for the GPU and the host.
 //
 // Every function here is __host__ __device__, and the row algorithm `softmax_topk_row` is a template over a
-// `Block` (thread id, block size, barrier, atomic add). On the GPU the block is a CUDA thread block
+// `Block` (thread id, block size, barrier, atomic adds). On the GPU the block is a CUDA thread block
 // (similarity.cu); in the tests it is a pool of host threads with a std::barrier
 // (tests/service/kernels/host_block.cpp), so the exact code the GPU runs, reductions, tails and tie handling
 // included, is checked against numpy on a machine without a GPU.
@@ -182,7 +182,7 @@ CS_HD RadixStep radix_pass(Block& block, RowShared& shared, const float* cosines
     const float cosine = cosines[i];
     if (softmax) mine = softmax_push(mine, logit_of(cosine, scale, bias));  // first pass only
     const uint32_t key = order_key(cosine);
-    if ((key & mask) == prefix) block.atomic_add(&shared.histogram[(key >> shift) & (kRadixBins - 1)], 1u);
+    if ((key & mask) == prefix) block.histogram_add(shared.histogram, (key >> shift) & (kRadixBins - 1));
   }
   if (softmax) *softmax = reduce_softmax(block, shared, mine);  // its barriers also complete the histogram
   block.sync();

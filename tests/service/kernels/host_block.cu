@@ -25,6 +25,7 @@ struct HostBlock {
   uint32_t atomic_add(uint32_t* address, uint32_t value) const {
     return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
   }
+  void histogram_add(uint32_t* histogram, uint32_t bin) const { atomic_add(&histogram[bin], 1u); }
 };
 
 }  // namespace
