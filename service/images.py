@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from models.preprocess import ImageTransform, resized_pixels
+from models.preprocess import ImageTransform, PreprocessConfig, resized_pixels
 from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 
 # What Pillow decodes reliably and clients actually send; everything else (EPS, PSD, ...) is refused as 415.
@@ -44,11 +44,13 @@ def is_image_data_url(text: str) -> bool:
     return text[:11].lower() == "data:image/"
 
 
-def _undecodable(param: str, error: BaseException) -> InvalidInput:
+def undecodable(param: str, error: BaseException) -> InvalidInput:
     return InvalidInput(f"{param}: cannot decode the image ({type(error).__name__}: {error})", param=param)
 
 
-def decode_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
+def decode_image(data: bytes, *, max_pixels: int, param: str, load: bool = True) -> Image.Image:
+    """Bytes -> a Pillow image, checked (format, pixel limit) from its headers before anything is decoded;
+    `load=False` stops there (the GPU preprocessing path decodes the pixels itself)."""
     if not data:
         raise InvalidInput(f"{param}: empty image", param=param)
     try:
@@ -66,7 +68,8 @@ def decode_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
                 raise PayloadTooLarge(
                     f"{param}: {width}x{height} is {width * height:,} pixels; the limit is {max_pixels:,}", param=param
                 )
-            image.load()
+            if load:
+                image.load()
     except (InvalidInput, UnsupportedMediaType, PayloadTooLarge):
         raise
     except UnidentifiedImageError as error:
@@ -76,23 +79,27 @@ def decode_image(data: bytes, *, max_pixels: int, param: str) -> Image.Image:
     except Exception as error:
         # Corrupt files surface from Pillow's decoders as OSError, SyntaxError, EOFError, struct.error,
         # TypeError...: whatever the decoder trips on, the fault is in the upload.
-        raise _undecodable(param, error) from error
+        raise undecodable(param, error) from error
     return image
+
+
+def check_intermediate_size(width: int, height: int, config: PreprocessConfig, *, max_pixels: int, param: str) -> None:
+    """The resize comes before the crop (as in open_clip), so a tiny 1x100000 strip would be blown up to
+    gigabytes first: bound the intermediate image by the same pixel limit."""
+    intermediate = resized_pixels(width, height, config)
+    if intermediate > max_pixels:
+        raise PayloadTooLarge(
+            f"{param}: a {width}x{height} image would be resized to {intermediate:,} pixels before "
+            f"cropping; the limit is {max_pixels:,} (aspect ratio too extreme)",
+            param=param,
+        )
 
 
 def preprocess(data: bytes, transform: ImageTransform, *, max_pixels: int, param: str) -> np.ndarray:
     """Bytes -> float32 [3, S, S] for the image engine."""
     image = decode_image(data, max_pixels=max_pixels, param=param)
-    # The resize comes before the crop (as in open_clip), so a tiny 1x100000 strip would be blown up to
-    # gigabytes first: bound the intermediate image by the same pixel limit.
-    intermediate = resized_pixels(*image.size, transform.config)
-    if intermediate > max_pixels:
-        raise PayloadTooLarge(
-            f"{param}: a {image.width}x{image.height} image would be resized to {intermediate:,} pixels before "
-            f"cropping; the limit is {max_pixels:,} (aspect ratio too extreme)",
-            param=param,
-        )
+    check_intermediate_size(image.width, image.height, transform.config, max_pixels=max_pixels, param=param)
     try:
         return transform(image)
     except Exception as error:  # e.g. corrupt EXIF (struct.error) or a frame that fails only when resized
-        raise _undecodable(param, error) from error
+        raise undecodable(param, error) from error

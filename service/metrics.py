@@ -29,6 +29,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.preprocess_fallbacks = Counter(
+            "clipserve_preprocess_cpu_fallbacks_total",
+            "Images the GPU preprocessing path sent to the exact CPU path, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.preprocess_seconds = Histogram(
             "clipserve_preprocess_seconds", "Decode and preprocess per image.", buckets=_LATENCY_BUCKETS, registry=r
         )

@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from models.templates import TemplateError, resolve_templates
-from service import images
 from service.batcher import DynamicBatcher
+from service.engines.base import EngineError
 from service.engines.factory import EnginePair
 from service.errors import InvalidInput, ServiceError
+from service.gpu.preprocess import make_preprocessor
 from service.gpu.similarity import CudaSimilarity, LabelSet, RankedScores, load_cuda_similarity
 from service.label_cache import LabelCache
 from service.metrics import Metrics
@@ -68,6 +69,15 @@ class Pipeline:
     def __init__(self, settings: Settings, model: ServedModel, engines: EnginePair, metrics: Metrics) -> None:
         self.settings, self.model, self.engines, self.metrics = settings, model, engines, metrics
         self.decode_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="clipserve-decode")
+        try:
+            self.preprocess_image = make_preprocessor(
+                settings.preprocess_device,
+                model.transform,
+                settings.max_image_pixels,
+                on_fallback=lambda reason: metrics.preprocess_fallbacks.labels(reason).inc(),
+            )
+        except RuntimeError as error:  # no torch/torchvision, or no CUDA device for them
+            raise EngineError(f"CLIPSERVE_PREPROCESS_DEVICE={settings.preprocess_device}: {error}") from error
         image_limit = engines.image.max_batch_size or settings.max_batch_size
         text_limit = engines.text.max_batch_size or settings.text_max_batch_size
         self.cuda_similarity: CudaSimilarity | None = load_cuda_similarity(
@@ -155,7 +165,7 @@ class Pipeline:
 
     def _preprocess_one(self, data: bytes, param: str) -> np.ndarray:
         start = time.perf_counter()
-        pixels = images.preprocess(data, self.model.transform, max_pixels=self.settings.max_image_pixels, param=param)
+        pixels = self.preprocess_image(data, param)
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return pixels
 

@@ -117,3 +117,13 @@ async def test_cuda_similarity_refuses_a_host_engine() -> None:
 
     with pytest.raises(EngineError, match="keeps embeddings on the GPU"):
         await answers(similarity="cuda")
+
+
+async def test_gpu_preprocessing_without_a_gpu_is_a_clear_start_error() -> None:
+    from service.engines.base import EngineError
+    from tests.gpu import cuda_available
+
+    if cuda_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(EngineError, match="CLIPSERVE_PREPROCESS_DEVICE=cuda"):
+        await answers(preprocess_device="cuda")
