@@ -88,6 +88,9 @@ class Pipeline:
             dim=model.manifest.embed_dim,
         )
         self.similarity_backend = "cuda" if self.cuda_similarity else "numpy"
+        # GPU scoring calls serialise on the kernel's workspace anyway: one thread of their own keeps them from
+        # tying up the decode pool under load.
+        self.similarity_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clipserve-similarity")
         self.image_batcher = DynamicBatcher(
             "image",
             engines.image.embed_on_device if self.cuda_similarity else engines.image,  # type: ignore[attr-defined]
@@ -127,6 +130,7 @@ class Pipeline:
         await self.image_batcher.stop()
         await self.text_batcher.stop()
         await self.label_cache.close()
+        self.similarity_pool.shutdown(wait=True)  # nothing may launch on the kernel after it is closed
         if self.cuda_similarity is not None:
             self.cuda_similarity.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -247,7 +251,7 @@ class Pipeline:
             label_set = LabelSet(self._label_set_key(labels, resolved), label_matrix)
             rank = partial(self.cuda_similarity.rank, labels=label_set, scoring=self.model.scoring, top_k=top_k)
             loop = asyncio.get_running_loop()
-            parts = [await loop.run_in_executor(self.decode_pool, rank, part) for part in image_parts]
+            parts = [await loop.run_in_executor(self.similarity_pool, rank, part) for part in image_parts]
             result = parts[0] if len(parts) == 1 else RankedScores(*map(np.concatenate, zip(*parts, strict=True)))
         return Classification(labels, result, images_ms, labels_ms, _elapsed_ms(start))
 

@@ -21,6 +21,17 @@ import numpy as np
 GPU_EXTRA = "pip install 'clipserve[gpu]'"
 
 
+# Driver errors that mean "no usable GPU here" rather than a failed call (names as cuda-bindings spells them;
+# looked up by name, since not every bindings release has all of them).
+_UNAVAILABLE = (
+    "CUDA_ERROR_NO_DEVICE",
+    "CUDA_ERROR_STUB_LIBRARY",
+    "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH",
+    "CUDA_ERROR_COMPAT_NOT_SUPPORTED_ON_DEVICE",
+    "CUDA_ERROR_DEVICE_UNAVAILABLE",
+)
+
+
 class CudaError(RuntimeError):
     """A CUDA driver call failed."""
 
@@ -88,7 +99,11 @@ class CudaDriver:
 
     def __init__(self, device: int = 0) -> None:
         self._cuda = cuda = load_bindings()
-        self._check("cuInit", cuda.cuInit(0))
+        try:
+            initialised = cuda.cuInit(0)
+        except RuntimeError as error:  # cuda-bindings finds no libcuda (no NVIDIA driver installed)
+            raise GpuUnavailable(f"the NVIDIA driver library cannot be loaded ({error})") from error
+        self._check("cuInit", initialised)
         self.device = device
         self._device = self._check("cuDeviceGet", cuda.cuDeviceGet(device))
         self._context = self._check("cuDevicePrimaryCtxRetain", cuda.cuDevicePrimaryCtxRetain(self._device))
@@ -106,8 +121,8 @@ class CudaDriver:
             _, name = cuda.cuGetErrorName(error)
             _, text = cuda.cuGetErrorString(error)
             message = f"CUDA {what} failed: {_text(name)} ({_text(text)})"
-            unavailable = (cuda.CUresult.CUDA_ERROR_NO_DEVICE, cuda.CUresult.CUDA_ERROR_INSUFFICIENT_DRIVER)
-            if error in unavailable or error == getattr(cuda.CUresult, "CUDA_ERROR_STUB_LIBRARY", None):
+            unavailable = {getattr(cuda.CUresult, name) for name in _UNAVAILABLE if hasattr(cuda.CUresult, name)}
+            if error in unavailable:
                 raise GpuUnavailable(message + "; the CUDA similarity kernel needs an NVIDIA GPU and driver")
             raise CudaError(message)
         if not values:
@@ -117,6 +132,11 @@ class CudaDriver:
     def make_current(self) -> None:
         """Bind the primary context to the calling thread (the batcher, the decode pool, ... each call this)."""
         self._check("cuCtxSetCurrent", self._cuda.cuCtxSetCurrent(self._context))
+
+    def l2_cache_bytes(self) -> int:
+        cuda = self._cuda
+        attribute = cuda.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE
+        return int(self._check("cuDeviceGetAttribute", cuda.cuDeviceGetAttribute(attribute, self._device)))
 
     def compute_capability(self) -> str:
         cuda = self._cuda

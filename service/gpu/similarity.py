@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.gpu.device_array import DeviceArray, bfloat16_bits
+from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float32
 from service.gpu.driver import DeviceAllocation, Float32, Int32, KernelArgument, Pointer
 from service.kernels import DEFAULT_FATBIN, ENTRY_POINTS
 from service.similarity import Scoring
@@ -43,7 +43,11 @@ _ACTIVATIONS = {"softmax": 0, "sigmoid": 1}
 class Driver(Protocol):
     """What this module needs of service.gpu.driver.CudaDriver (a host-memory fake in the tests)."""
 
+    device: int
+
     def make_current(self) -> None: ...
+
+    def l2_cache_bytes(self) -> int: ...
 
     def load_kernels(self, image: bytes, names: tuple[str, ...]) -> None: ...
 
@@ -74,12 +78,16 @@ class RankedScores:
 
 
 def _device_bits(matrix: np.ndarray, dtype: str) -> np.ndarray:
-    """Host bytes of `matrix` in the device dtype the kernel reads."""
+    """Host bytes of the label matrix as the kernel reads it: fp32 as is; for fp16/bf16 [2C, D], the rounded
+    matrix then the residuals of that rounding, so the labels keep about fp32 accuracy (similarity.cu)."""
+    labels = np.ascontiguousarray(matrix, dtype=np.float32)
     if dtype == "float32":
-        return np.ascontiguousarray(matrix, dtype=np.float32)
+        return labels
     if dtype == "float16":
-        return np.ascontiguousarray(matrix, dtype=np.float16)
-    return bfloat16_bits(matrix)
+        high = labels.astype(np.float16)
+        return np.concatenate([high, (labels - high.astype(np.float32)).astype(np.float16)])
+    high_bits = bfloat16_bits(labels)
+    return np.concatenate([high_bits, bfloat16_bits(labels - widen_to_float32(high_bits, "bfloat16"))])
 
 
 class DeviceLabelCache:
@@ -157,7 +165,7 @@ class CudaSimilarity:
         *,
         fatbin: Path = DEFAULT_FATBIN,
         label_cache_bytes: int = 512 * 1024 * 1024,
-        workspace_bytes: int = 256 * 1024 * 1024,
+        workspace_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if driver is None:
             from service.gpu.driver import default_driver
@@ -172,6 +180,8 @@ class CudaSimilarity:
             )
         driver.make_current()
         driver.load_kernels(fatbin.read_bytes(), ENTRY_POINTS)
+        self.device = driver.device
+        self._l2_bytes = driver.l2_cache_bytes()
         self.labels = DeviceLabelCache(driver, label_cache_bytes)
         self.workspace_bytes = workspace_bytes
         self._buffers = _Buffers(driver)
@@ -182,6 +192,8 @@ class CudaSimilarity:
         count, dim = labels.matrix.shape
         if images.shape[1] != dim:
             raise ValueError(f"image embeddings have {images.shape[1]} dimensions, the labels {dim}")
+        if images.device != self.device:
+            raise ValueError(f"image embeddings are on GPU {images.device}, the similarity kernel on GPU {self.device}")
         k = count if top_k is None else min(top_k, count)
         rows = len(images)
         if rows == 0:
@@ -189,39 +201,63 @@ class CudaSimilarity:
             return RankedScores(empty.astype(np.int64), empty, empty.astype(np.float32))
         with self._lock:
             self._driver.make_current()
-            label_matrix = self.labels.get(labels, images.dtype)
-            group = max(1, min(rows, self.workspace_bytes // (count * 4)))
-            parts = [
-                self._rank_group(images.rows(start, min(start + group, rows)), label_matrix.pointer, count, scoring, k)
-                for start in range(0, rows, group)
-            ]
-        return RankedScores(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+            label_matrix = self.labels.get(labels, images.dtype).pointer
+            group = self._group_rows(rows, count)
+            spans = [(start, min(start + group, rows)) for start in range(0, rows, group)]
+            if k > MAX_TOP_K:
+                parts = [
+                    self._rank_on_host(
+                        self._cosines(images.rows(*span), label_matrix, count), span[1] - span[0], count, k, scoring
+                    )
+                    for span in spans
+                ]
+                return RankedScores(*(np.concatenate(column) for column in zip(*parts, strict=True)))
+            # One [3, rows, k] output block for every group: one copy (and one wait) brings all of it back.
+            # Groups reuse the cosine workspace safely: everything runs in order on one stream.
+            top = self._buffers.get("top", 3 * rows * k * 4)
+            for start, stop in spans:
+                cosines = self._cosines(images.rows(start, stop), label_matrix, count)
+                outputs = tuple(top + (part * rows + start) * k * 4 for part in range(3))
+                self._softmax_topk(cosines, stop - start, count, k, scoring, outputs, probabilities=0)
+            out = np.empty((3, rows, k), np.float32)
+            self._driver.download(top, out)
+        return RankedScores(out[2].view(np.int32).astype(np.int64), out[1].astype(np.float64), out[0].copy())
 
-    def _rank_group(
-        self, images: DeviceArray, labels: int, count: int, scoring: Scoring, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        driver, rows, dim = self._driver, len(images), images.shape[1]
+    def _group_rows(self, rows: int, count: int) -> int:
+        """Rows scored per launch pair: their cosines fit the workspace and, on a GPU, half of L2, where the row
+        kernel's five passes then find them; whole GEMM tiles (64 rows) where that leaves at least one."""
+        budget = self.workspace_bytes
+        if self._l2_bytes:
+            budget = min(budget, self._l2_bytes // 2)
+        group = budget // (count * 4)
+        if group >= _GEMM_TILE:
+            group -= group % _GEMM_TILE
+        return max(1, min(rows, group))
+
+    def _cosines(self, images: DeviceArray, labels: int, count: int) -> int:
+        """Launch the cosine GEMM for these rows into the workspace; returns its device address."""
+        rows, dim = len(images), images.shape[1]
         cosines = self._buffers.get("cosines", rows * count * 4)
-        tiles = (-(-count // _GEMM_TILE), -(-rows // _GEMM_TILE))
-        driver.launch(
+        self._driver.launch(
             _COSINE_KERNELS[images.dtype],
-            tiles,
+            (-(-count // _GEMM_TILE), -(-rows // _GEMM_TILE)),
             _GEMM_THREADS[images.dtype],
             [Pointer(images.pointer), Pointer(labels), Int32(rows), Int32(count), Int32(dim), Pointer(cosines)],
         )
-        if k > MAX_TOP_K:
-            return self._rank_on_host(cosines, rows, count, k, scoring)
-        top = self._softmax_topk(cosines, rows, count, k, scoring, probabilities=0)
-        # The three outputs are adjacent: one copy (and one wait) brings them all back.
-        out = np.empty((3, rows, k), np.float32)
-        driver.download(top, out)
-        return out[2].view(np.int32).astype(np.int64), out[1].astype(np.float64), out[0]
+        return cosines
 
-    def _softmax_topk(self, cosines: int, rows: int, count: int, k: int, scoring: Scoring, probabilities: int) -> int:
-        """Launch the row kernel; returns the device address of its output, [3, rows, k] of 4-byte values: the
-        top-k cosines, probabilities and label indices."""
-        block = self._buffers.get("top", 3 * rows * k * 4)
-        top = (block, block + rows * k * 4, block + 2 * rows * k * 4)
+    def _softmax_topk(
+        self,
+        cosines: int,
+        rows: int,
+        count: int,
+        k: int,
+        scoring: Scoring,
+        outputs: tuple[int, ...],
+        probabilities: int,
+    ) -> None:
+        """Launch the row kernel: top-k cosines, probabilities and label indices into `outputs` (three [rows, k]
+        arrays of 4-byte values), and every probability into `probabilities` unless that is 0."""
         self._driver.launch(
             "clipserve_softmax_topk",
             (rows, 1),
@@ -234,11 +270,10 @@ class CudaSimilarity:
                 Float32(scoring.logit_scale),
                 Float32(scoring.logit_bias or 0.0),
                 Int32(_ACTIVATIONS[scoring.activation]),
-                *map(Pointer, top),
+                *map(Pointer, outputs),
                 Pointer(probabilities),
             ],
         )
-        return block
 
     def _rank_on_host(
         self, cosines: int, rows: int, count: int, k: int, scoring: Scoring
@@ -247,7 +282,8 @@ class CudaSimilarity:
         top-k), the whole rows come back and numpy sorts them, the same stable order as the CPU path."""
         driver = self._driver
         probabilities = self._buffers.get("probabilities", rows * count * 4)
-        self._softmax_topk(cosines, rows, count, 1, scoring, probabilities=probabilities)
+        top = self._buffers.get("top", 3 * rows * 4)
+        self._softmax_topk(cosines, rows, count, 1, scoring, (top, top + rows * 4, top + 2 * rows * 4), probabilities)
         host_cosines = np.empty((rows, count), np.float32)
         host_probabilities = np.empty((rows, count), np.float32)
         driver.download(cosines, host_cosines)
@@ -262,24 +298,31 @@ class CudaSimilarity:
         )
 
     def self_test(self, dim: int) -> None:
-        """Score one known embedding against two labels; ValueError unless the kernel ranks them correctly."""
+        """Score a known embedding against two labels in each input dtype (fp32 FMA and both tensor-core GEMMs);
+        ValueError unless the kernel ranks them correctly."""
         image = np.zeros((1, dim), np.float32)
         image[0, 0] = 1.0
         labels = np.zeros((2, dim), np.float32)
         labels[0, 1] = labels[1, 0] = 1.0  # label 1 is the image itself
-        memory = self._driver.allocate(image.nbytes)
+        bits: dict[str, np.ndarray] = {
+            "float32": image,
+            "float16": image.astype(np.float16),
+            "bfloat16": bfloat16_bits(image),
+        }
         try:
-            self._driver.upload(memory.pointer, image)
-            result = self.rank(
-                DeviceArray(memory.pointer, (1, dim), "float32", memory),
-                LabelSet("self-test", labels),
-                Scoring(100.0, None, "softmax"),
-                2,
-            )
+            for dtype, host in bits.items():
+                memory = self._driver.allocate(host.nbytes)
+                self._driver.upload(memory.pointer, host)
+                result = self.rank(
+                    DeviceArray(memory.pointer, (1, dim), dtype, memory, self.device),
+                    LabelSet("self-test", labels),
+                    Scoring(100.0, None, "softmax"),
+                    2,
+                )
+                if result.indices.tolist() != [[1, 0]] or not 0.999 < result.probabilities[0, 0] <= 1.0:
+                    raise ValueError(f"the CUDA similarity kernel failed its {dtype} self-test: {result}")
         finally:
             self.labels.forget("self-test")
-        if result.indices.tolist() != [[1, 0]] or not 0.999 < result.probabilities[0, 0] <= 1.0:
-            raise ValueError(f"the CUDA similarity kernel failed its self-test: {result}")
 
     def close(self) -> None:
         with self._lock:

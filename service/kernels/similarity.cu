@@ -93,12 +93,19 @@ __device__ void cosines_fma(const float* images, const float* labels, int rows, 
 // fp16/bf16: 128 threads = 4 warps, each warp a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with fp32
 // accumulators; operands staged through shared memory 32 dimensions at a time, zero-padded at the edges so any
 // B, C and D work.
+//
+// The label matrix comes in two halves, [2C, D]: each fp32 label vector rounded to T, then what that rounding
+// lost, also in T. Both are multiplied into the same fp32 accumulator, so the labels count at about fp32
+// accuracy (bf16 alone would move probabilities by up to 6e-3 against the CPU path at logit scale 100; high + low
+// by under 1e-5), while the image embeddings are exactly what the engine produced. Twice the tensor-core work
+// of a GEMM that is not the bottleneck.
 template <typename T>
 __device__ void cosines_wmma(const T* images, const T* labels, int rows, int count, int dim, float* cosines) {
   using namespace nvcuda;
   constexpr int kDepth = 32, kStride = kDepth + 8;  // +8 halves: rows stay 16-byte aligned, fewer bank conflicts
   __shared__ __align__(32) T image_tile[kTile][kStride];
   __shared__ __align__(32) T label_tile[kTile][kStride];  // [label][d] = the label matrix's transpose, col-major
+  __shared__ __align__(32) T residual_tile[kTile][kStride];
   __shared__ __align__(32) float out_tile[kTile][kTile + 4];
   const int t = static_cast<int>(threadIdx.x), warp = t / 32;
   const int row0 = static_cast<int>(blockIdx.y) * kTile, col0 = static_cast<int>(blockIdx.x) * kTile;
@@ -110,39 +117,52 @@ __device__ void cosines_wmma(const T* images, const T* labels, int rows, int cou
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   // 16-byte loads (8 elements) when every row starts 16-byte aligned, element loads otherwise (uniform branch).
+  const T* residuals = labels + static_cast<size_t>(count) * dim;
   const bool vector = dim % 8 == 0 && (reinterpret_cast<uintptr_t>(images) | reinterpret_cast<uintptr_t>(labels)) % 16 == 0;
   for (int d0 = 0; d0 < dim; d0 += kDepth) {
     if (vector) {
       for (int e = t; e < kTile * (kDepth / 8); e += 128) {
         const int m = e / (kDepth / 8), part = (e % (kDepth / 8)) * 8, d = d0 + part;
         const int r = row0 + m, c = col0 + m;
-        uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a;  // all-zero bits are +0 in fp16 and bf16
+        uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a, low = a;  // all-zero bits are +0 in fp16 and bf16
         if (r < rows && d < dim) a = *reinterpret_cast<const uint4*>(images + static_cast<size_t>(r) * dim + d);
-        if (c < count && d < dim) b = *reinterpret_cast<const uint4*>(labels + static_cast<size_t>(c) * dim + d);
+        if (c < count && d < dim) {
+          b = *reinterpret_cast<const uint4*>(labels + static_cast<size_t>(c) * dim + d);
+          low = *reinterpret_cast<const uint4*>(residuals + static_cast<size_t>(c) * dim + d);
+        }
         *reinterpret_cast<uint4*>(&image_tile[m][part]) = a;
         *reinterpret_cast<uint4*>(&label_tile[m][part]) = b;
+        *reinterpret_cast<uint4*>(&residual_tile[m][part]) = low;
       }
     } else {
       for (int e = t; e < kTile * kDepth; e += 128) {
         const int m = e / kDepth, d = d0 + e % kDepth;
         const int r = row0 + m, c = col0 + m;
+        const bool label_in = c < count && d < dim;
         image_tile[m][e % kDepth] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : zero;
-        label_tile[m][e % kDepth] = (c < count && d < dim) ? labels[static_cast<size_t>(c) * dim + d] : zero;
+        label_tile[m][e % kDepth] = label_in ? labels[static_cast<size_t>(c) * dim + d] : zero;
+        residual_tile[m][e % kDepth] = label_in ? residuals[static_cast<size_t>(c) * dim + d] : zero;
       }
     }
     __syncthreads();
 #pragma unroll
     for (int d = 0; d < kDepth; d += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2], low[2];
 #pragma unroll
       for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &image_tile[wm + 16 * i][d], kStride);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], &label_tile[wn + 16 * j][d], kStride);
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b[j], &label_tile[wn + 16 * j][d], kStride);
+        wmma::load_matrix_sync(low[j], &residual_tile[wn + 16 * j][d], kStride);
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        for (int j = 0; j < 2; ++j) {
+          wmma::mma_sync(acc[i][j], a[i], low[j], acc[i][j]);  // the small part first: less rounding in the sum
+          wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
     }
     __syncthreads();
   }
@@ -161,7 +181,8 @@ __device__ void cosines_wmma(const T* images, const T* labels, int rows, int cou
 }  // namespace clipserve
 
 // Entry points: C names for cuModuleGetFunction. Grids: cosines (ceil(C/64), ceil(B/64)) blocks of 256 (fp32)
-// or 128 (fp16, bf16) threads; softmax_topk one block of kRowThreads per image.
+// or 128 (fp16, bf16) threads; softmax_topk one block of kRowThreads per image. The fp16/bf16 label matrices are
+// [2C, D] (rounded, then residuals; see cosines_wmma).
 extern "C" __global__ void __launch_bounds__(256)
     clipserve_cosines_f32(const float* images, const float* labels, int rows, int count, int dim, float* cosines) {
   clipserve::cosines_fma(images, labels, rows, count, dim, cosines);

@@ -4,14 +4,15 @@
 // Every function here is __host__ __device__, and the row algorithm `softmax_topk_row` is a template over a
 // `Block` (thread id, block size, barrier, atomic adds). On the GPU the block is a CUDA thread block
 // (similarity.cu); in the tests it is a pool of host threads with a std::barrier
-// (tests/service/kernels/host_block.cpp), so the exact code the GPU runs, reductions, tails and tie handling
+// (tests/service/kernels/host_block.cu), so the exact code the GPU runs, reductions, tails and tie handling
 // included, is checked against numpy on a machine without a GPU.
 //
 // The row algorithm reads one row of cosines [C] (fp32, written by the logits GEMM) five times:
 //   1. running (max, sum of exp) of the logits, merged over threads in a fixed tree; histogram of the top 8
 //      bits of each cosine's order key (radix select, pass 1)
 //   2-4. histograms of the next 8 bits among keys sharing the prefix found so far; after pass 4 the exact key
-//      of the k-th largest cosine (the threshold), how many keys lie above it and how many equal it are known
+//      of the k-th largest cosine (the threshold), how many keys lie above it and how many equal it are known.
+//      A pass whose bin holds exactly the places left ends the search early: every key with that prefix is in.
 //   5. gather: keys above the threshold, plus the lowest-indexed keys equal to it (an ordered block scan, only
 //      when there are more equal keys than places left); optionally the full probability row
 // then ranks the k candidates by (score descending, label index ascending) and writes them in that order.
@@ -71,6 +72,7 @@ CS_HD uint32_t order_key(float x) {
 
 // Running softmax denominator: the largest logit seen and the sum of exp(logit - max). A state with sum 0 is
 // empty (any element contributes exp(0) = 1 for the maximum), so merging never computes exp(-inf - -inf).
+// (Logits are finite: they come from unit vectors times a finite scale.)
 struct SoftmaxState {
   float max;
   float sum;
@@ -213,9 +215,11 @@ CS_HD void softmax_topk_row(Block& block, RowShared& shared, const float* cosine
     above += step.above;
     wanted -= step.above;  // places left for keys in this bin
     ties = step.in_bin;
+    if (ties == wanted) break;  // the bin fills the places exactly: no need to look at lower digits
   }
-  // Now: `above` keys (< k) are larger than the threshold `prefix`, `ties` keys equal it, and the top k takes
-  // `wanted` (1..ties) of those, the ones with the lowest label indices.
+  // Now, comparing keys under `mask` (all 32 bits unless the search ended early): `above` keys (< k) are larger
+  // than the threshold `prefix`, `ties` keys equal it, and the top k takes `wanted` (1..ties) of those, the ones
+  // with the lowest label indices. Fewer places than equal keys only happens with the full key (a real tie).
   const uint32_t threshold = prefix;
   const bool ordered_ties = ties > wanted;
 
@@ -224,7 +228,7 @@ CS_HD void softmax_topk_row(Block& block, RowShared& shared, const float* cosine
   block.sync();
   for (int i = t; i < count; i += n) {
     const float cosine = cosines[i];
-    const uint32_t key = order_key(cosine);
+    const uint32_t key = order_key(cosine) & mask;
     int slot = -1;
     if (key > threshold) {
       slot = static_cast<int>(block.atomic_add(&shared.above_count, 1u));

@@ -213,8 +213,13 @@ class HostMemoryDriver:
         self.uploads = 0
         self.loaded: tuple[str, ...] = ()
 
+    device = 0
+
     def make_current(self) -> None:
         pass
+
+    def l2_cache_bytes(self) -> int:
+        return 0  # no L2 bound: the tests set the workspace bound themselves
 
     def load_kernels(self, image: bytes, names: tuple[str, ...]) -> None:
         assert image, "empty fatbin"
@@ -245,7 +250,12 @@ class HostMemoryDriver:
                 return widen_to_float32(bits.view(np.uint16), dtype) if dtype != "float32" else bits.copy()
 
             assert grid == (-(-count // 64), -(-rows // 64))
-            _view(out, (rows, count), np.float32)[:] = read(images, rows) @ read(labels, count).T
+            if dtype == "float32":
+                label_matrix = read(labels, count)
+            else:  # [2C, D]: rounded labels, then the residuals of that rounding (similarity.cu)
+                both = read(labels, 2 * count)
+                label_matrix = both[:count] + both[count:]
+            _view(out, (rows, count), np.float32)[:] = read(images, rows) @ label_matrix.T
             return
         cosines, rows, count, k, scale, bias, activation, top_c, top_p, top_i, full = arguments
         assert grid == (rows, 1) and block == 256

@@ -1,10 +1,10 @@
 """The CUDA similarity kernel on a real GPU, through the real driver (`make gpu-check` runs these).
 
 Inputs are torch CUDA tensors handed over as raw pointers (DeviceArray.from_torch), as an engine hands its
-output. The reference is float64 arithmetic on the values the kernel actually reads (fp16/bf16 inputs rounded
-first), in torch on the same GPU, so the largest label sets stay quick; one case also goes through the numpy
-CPU path itself. "Identical top-k except ties" is checked as: at every rank, the kernel's label has the
-reference's value at that rank, within a tie tolerance (labels closer than that may swap places).
+output. The reference is float64 arithmetic on the CPU path's inputs (the embeddings as given, fp32 labels), in
+torch on the same GPU, so the largest label sets stay quick; one case also goes through the numpy CPU path
+itself. "Identical top-k except ties" is checked as: at every rank, the kernel's label has the reference's
+value at that rank, within a tie tolerance (labels closer than that may swap places).
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def check(
     labels = LabelSet(f"gpu-test-{count}-{dim}", labels32.cpu().numpy())
     result = similarity.rank(DeviceArray.from_torch(images), labels, scoring, k)
 
-    seen_labels = labels32.to(torch_dtype).double()
-    scores = images.double() @ seen_labels.T
+    # The CPU path's inputs: the embeddings as the engine left them (in `dtype`) and the fp32 label vectors.
+    scores = images.double() @ labels32.double().T
     logits = scoring.logit_scale * scores + (scoring.logit_bias or 0.0)
     probabilities = torch.sigmoid(logits) if scoring.activation == "sigmoid" else torch.softmax(logits, dim=1)
     top_scores, _ = scores.topk(k, dim=1)

@@ -72,10 +72,15 @@ def test_ranks_like_the_cpu_path(driver: HostMemoryDriver, fatbin: Path, dtype: 
     images, labels = unit(rng, 5, 64), unit(rng, 300, 64)
     similarity = CudaSimilarity(driver, fatbin=fatbin)
     result = similarity.rank(on_device(images, dtype), LabelSet("animals", labels), CLIP, top_k)
-    order, probabilities, scores = expected(rounded(images, dtype), rounded(labels, dtype), CLIP, top_k)
+    # The CPU path on the embeddings the engine produced (in `dtype`) and the fp32 label vectors: the kernel keeps
+    # labels at about fp32 accuracy (rounded + residual halves), so parity holds for every input dtype.
+    order, probabilities, scores = expected(rounded(images, dtype), labels, CLIP, top_k)
     np.testing.assert_array_equal(result.indices, order)
-    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(result.cosines, scores, rtol=0, atol=1e-6)
+    # fp32: the issue's 1e-5. Rounded + residual bf16 labels keep 16 significant bits: ~1e-5 here, 1e-4 allowed
+    # (the issue allows 1e-3 for fp16/bf16 inputs).
+    tolerance = 1e-5 if dtype == "float32" else 1e-4
+    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=tolerance)
+    np.testing.assert_allclose(result.cosines, scores, rtol=0, atol=tolerance / 10)
     # Labels were uploaded in the image dtype: the label matrix is scored at the engine's precision.
     kernel = {
         "float32": "clipserve_cosines_f32",
