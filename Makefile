@@ -13,7 +13,7 @@ OUT ?= loadtests/results
 # torch and torchvision are pinned by the `export` extra; pip takes them from this machine's wheel cache.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test test-all test-docker lint loadtest train-demo eval-demo export-demo clean
+.PHONY: serve test test-all test-docker lint loadtest kernels gpu-wheels gpu-check train-demo eval-demo export-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,20 @@ test-docker: $(VENV)/.test-installed
 # Headless Locust against a running server (make serve, a container, a cluster): make loadtest URL=http://host:8000
 loadtest: $(VENV)/.loadtest-installed
 	$(BIN)/python -m loadtests.run --host $(URL) --users $(USERS) --run-time $(DURATION) --out $(OUT) $(ARGS)
+
+# The CUDA similarity kernel's fatbin (service/kernels/similarity.fatbin), for running the GPU path from this
+# checkout; needs nvcc (CUDA 13), no GPU. The gpu image builds its own.
+kernels: $(VENV)/.serve-installed
+	$(BIN)/python -m service.kernels.build
+
+# Wheels that the GPU check needs and a bare GPU machine lacks (no network there), fetched here into .whl/.
+gpu-wheels: $(VENV)/.test-installed
+	$(BIN)/python -m loadtests.gpu_wheels --dest .whl
+
+# On a GPU machine (PyTorch with CUDA, nvcc): builds the kernel, runs the tests marked gpu and the GPU
+# benchmarks, and writes gpu-report.md to $$OUT (or ./gpu-report). Uses the machine's own python3, not a venv.
+gpu-check:
+	python3 -m loadtests.gpu_check --out "$${OUT:-gpu-report}"
 
 lint: $(VENV)/.test-installed
 	$(BIN)/ruff check .

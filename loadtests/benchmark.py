@@ -18,7 +18,6 @@ import base64
 import io
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from loadtests.timing import stop_server
 from models.demo import shapes
 from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
 from models.manifest import load_manifest
@@ -162,11 +162,7 @@ def benchmark_model(repository: Path, model: str, args: argparse.Namespace) -> d
                 flush=True,
             )
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server, timeout=30)
     return {"model": model, "engine": engine, "results": results}
 
 

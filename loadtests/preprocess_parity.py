@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import platform
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from loadtests.timing import rate_per_second
 from models.demo import shapes
 from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
 from models.preprocess import ImageTransform, PreprocessConfig
@@ -119,14 +119,8 @@ def image_sets(photos: int, probes: int) -> list[ImageSet]:
 
 
 def images_per_second(run: Callable[[], object], count: int, seconds: float) -> float:
-    run()  # warm-up: first-call allocations, nvJPEG's buffers, torch's kernels
-    done, start = 0, time.perf_counter()
-    while True:
-        run()
-        done += count
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return done / elapsed
+    # One warm-up call: first-call allocations, nvJPEG's buffers, torch's kernels.
+    return rate_per_second(run, count, warmup=1, reps=1, seconds=seconds)
 
 
 def levels(pixels: np.ndarray, config: PreprocessConfig) -> np.ndarray:
