@@ -29,7 +29,7 @@ from service.similarity import Scoring
 log = logging.getLogger("clipserve.gpu")
 
 MAX_TOP_K = 128  # similarity.cuh's kMaxTopK: beyond it (or for every label) the whole row comes back
-ROW_THREADS = 256  # kRowThreads
+ROW_THREADS = 512  # kRowThreads
 _GEMM_TILE = 64
 _GEMM_THREADS = {"float32": 256, "float16": 128, "bfloat16": 128}
 _COSINE_KERNELS = {
@@ -75,6 +75,11 @@ class RankedScores:
     indices: np.ndarray  # [B, K] int64
     probabilities: np.ndarray  # [B, K] float64
     cosines: np.ndarray  # [B, K] float32
+
+
+def row_stride(count: int) -> int:
+    """Floats between rows of the cosine workspace: `count` rounded up to four, so every row is 16-byte aligned."""
+    return -(-count // 4) * 4
 
 
 def _device_bits(matrix: np.ndarray, dtype: str) -> np.ndarray:
@@ -229,20 +234,28 @@ class CudaSimilarity:
         budget = self.workspace_bytes
         if self._l2_bytes:
             budget = min(budget, self._l2_bytes // 2)
-        group = budget // (count * 4)
+        group = budget // (row_stride(count) * 4)
         if group >= _GEMM_TILE:
             group -= group % _GEMM_TILE
         return max(1, min(rows, group))
 
     def _cosines(self, images: DeviceArray, labels: int, count: int) -> int:
-        """Launch the cosine GEMM for these rows into the workspace; returns its device address."""
-        rows, dim = len(images), images.shape[1]
-        cosines = self._buffers.get("cosines", rows * count * 4)
+        """Launch the cosine GEMM for these rows into the workspace ([rows, row_stride(count)]); returns its address."""
+        rows, dim, stride = len(images), images.shape[1], row_stride(count)
+        cosines = self._buffers.get("cosines", rows * stride * 4)
         self._driver.launch(
             _COSINE_KERNELS[images.dtype],
             (-(-count // _GEMM_TILE), -(-rows // _GEMM_TILE)),
             _GEMM_THREADS[images.dtype],
-            [Pointer(images.pointer), Pointer(labels), Int32(rows), Int32(count), Int32(dim), Pointer(cosines)],
+            [
+                Pointer(images.pointer),
+                Pointer(labels),
+                Int32(rows),
+                Int32(count),
+                Int32(dim),
+                Pointer(cosines),
+                Int32(stride),
+            ],
         )
         return cosines
 
@@ -264,6 +277,7 @@ class CudaSimilarity:
             ROW_THREADS,
             [
                 Pointer(cosines),
+                Int32(row_stride(count)),
                 Int32(rows),
                 Int32(count),
                 Int32(k),
@@ -284,9 +298,10 @@ class CudaSimilarity:
         probabilities = self._buffers.get("probabilities", rows * count * 4)
         top = self._buffers.get("top", 3 * rows * 4)
         self._softmax_topk(cosines, rows, count, 1, scoring, (top, top + rows * 4, top + 2 * rows * 4), probabilities)
-        host_cosines = np.empty((rows, count), np.float32)
+        padded = np.empty((rows, row_stride(count)), np.float32)
         host_probabilities = np.empty((rows, count), np.float32)
-        driver.download(cosines, host_cosines)
+        driver.download(cosines, padded)
+        host_cosines = padded[:, :count]
         driver.download(probabilities, host_probabilities)
         # By cosine, as the kernel ranks: fp32 probabilities of far-off labels underflow to equal zeros, cosines
         # keep their order (the CPU path's float64 probabilities do too).

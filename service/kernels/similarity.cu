@@ -38,7 +38,8 @@ struct CudaBlock {
 constexpr int kTile = 64;  // a GEMM block computes 64 images x 64 labels
 
 // fp32: 256 threads, each a 4x4 sub-tile, operands staged through shared memory 16 dimensions at a time.
-__device__ void cosines_fma(const float* images, const float* labels, int rows, int count, int dim, float* cosines) {
+__device__ void cosines_fma(const float* images, const float* labels, int rows, int count, int dim, float* cosines,
+                            int stride) {
   constexpr int kDepth = 16;
   __shared__ float image_tile[kDepth][kTile + 4];  // [d][image]: the +4 keeps the 4-wide reads conflict-free
   __shared__ float label_tile[kDepth][kTile + 4];
@@ -86,7 +87,7 @@ __device__ void cosines_fma(const float* images, const float* labels, int rows, 
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) {
       const int r = row0 + tm + i, c = col0 + tn + j;
-      if (r < rows && c < count) cosines[static_cast<size_t>(r) * count + c] = acc[i][j];
+      if (r < rows && c < count) cosines[static_cast<size_t>(r) * stride + c] = acc[i][j];
     }
 }
 
@@ -100,7 +101,8 @@ __device__ void cosines_fma(const float* images, const float* labels, int rows, 
 // by under 1e-5), while the image embeddings are exactly what the engine produced. Twice the tensor-core work
 // of a GEMM that is not the bottleneck.
 template <typename T>
-__device__ void cosines_wmma(const T* images, const T* labels, int rows, int count, int dim, float* cosines) {
+__device__ void cosines_wmma(const T* images, const T* labels, int rows, int count, int dim, float* cosines,
+                             int stride) {
   using namespace nvcuda;
   constexpr int kDepth = 32, kStride = kDepth + 8;  // +8 halves: rows stay 16-byte aligned, fewer bank conflicts
   __shared__ __align__(32) T image_tile[kTile][kStride];
@@ -174,41 +176,45 @@ __device__ void cosines_wmma(const T* images, const T* labels, int rows, int cou
   __syncthreads();
   for (int e = t; e < kTile * kTile; e += 128) {
     const int r = row0 + e / kTile, c = col0 + e % kTile;
-    if (r < rows && c < count) cosines[static_cast<size_t>(r) * count + c] = out_tile[e / kTile][e % kTile];
+    if (r < rows && c < count) cosines[static_cast<size_t>(r) * stride + c] = out_tile[e / kTile][e % kTile];
   }
 }
 
 }  // namespace clipserve
 
 // Entry points: C names for cuModuleGetFunction. Grids: cosines (ceil(C/64), ceil(B/64)) blocks of 256 (fp32)
-// or 128 (fp16, bf16) threads; softmax_topk one block of kRowThreads per image. The fp16/bf16 label matrices are
-// [2C, D] (rounded, then residuals; see cosines_wmma).
-extern "C" __global__ void __launch_bounds__(256)
-    clipserve_cosines_f32(const float* images, const float* labels, int rows, int count, int dim, float* cosines) {
-  clipserve::cosines_fma(images, labels, rows, count, dim, cosines);
+// or 128 (fp16, bf16) threads; softmax_topk one block of kRowThreads per image. The cosine workspace's rows are
+// `stride` floats apart, a multiple of four, so the row passes can read it 16 bytes at a time. The fp16/bf16
+// label matrices are [2C, D] (rounded, then residuals; see cosines_wmma).
+extern "C" __global__ void __launch_bounds__(256) clipserve_cosines_f32(const float* images, const float* labels,
+                                                                         int rows, int count, int dim,
+                                                                         float* cosines, int stride) {
+  clipserve::cosines_fma(images, labels, rows, count, dim, cosines, stride);
 }
 
-extern "C" __global__ void __launch_bounds__(128)
-    clipserve_cosines_f16(const __half* images, const __half* labels, int rows, int count, int dim, float* cosines) {
-  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines);
+extern "C" __global__ void __launch_bounds__(128) clipserve_cosines_f16(const __half* images, const __half* labels,
+                                                                         int rows, int count, int dim,
+                                                                         float* cosines, int stride) {
+  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines, stride);
 }
 
 extern "C" __global__ void __launch_bounds__(128) clipserve_cosines_bf16(const __nv_bfloat16* images,
-                                                                        const __nv_bfloat16* labels, int rows,
-                                                                        int count, int dim, float* cosines) {
-  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines);
+                                                                          const __nv_bfloat16* labels, int rows,
+                                                                          int count, int dim, float* cosines,
+                                                                          int stride) {
+  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines, stride);
 }
 
-// probabilities may be null (only the top k is wanted).
+// Rows of `cosines` start `stride` floats apart; probabilities (every label's, [rows, count]) may be null.
 extern "C" __global__ void __launch_bounds__(clipserve::kRowThreads)
-    clipserve_softmax_topk(const float* cosines, int rows, int count, int k, float scale, float bias,
+    clipserve_softmax_topk(const float* cosines, int stride, int rows, int count, int k, float scale, float bias,
                            int activation, float* top_cosine, float* top_probability, int* top_index,
                            float* probabilities) {
   __shared__ clipserve::RowShared shared;
   clipserve::CudaBlock block;
   const size_t row = blockIdx.x;
   if (row >= static_cast<size_t>(rows)) return;
-  clipserve::softmax_topk_row(block, shared, cosines + row * count, count, k, scale, bias, activation,
+  clipserve::softmax_topk_row(block, shared, cosines + row * stride, count, k, scale, bias, activation,
                               top_cosine + row * k, top_probability + row * k, top_index + row * k,
                               probabilities ? probabilities + row * count : nullptr);
 }

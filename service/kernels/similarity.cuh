@@ -36,7 +36,9 @@
 
 namespace clipserve {
 
-constexpr int kRowThreads = 256;  // threads per row block; the tree reduction and scan assume a power of two
+// Threads per row block (a power of two: the tree reduction and the scan assume one). The row passes are bound by
+// load latency, not bandwidth: more warps per block keep more loads in flight.
+constexpr int kRowThreads = 512;
 constexpr int kMaxTopK = 128;     // the service asks for k <= 100; larger k (or all labels) takes the full row
 constexpr int kRadixBits = 8;
 constexpr int kRadixBins = 1 << kRadixBits;
@@ -171,6 +173,87 @@ CS_HD uint32_t exclusive_scan(Block& block, RowShared& shared, uint32_t flag, ui
   return inclusive - flag;
 }
 
+// Four floats at once: a 16-byte load on the GPU, plain reads on the host.
+CS_HD void load4(const float* address, float* out) {
+#ifdef __CUDA_ARCH__
+  const float4 v = *reinterpret_cast<const float4*>(address);
+  out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+#else
+  std::memcpy(out, address, 4 * sizeof(float));
+#endif
+}
+
+// visit(i, cosines[i]) for this thread's share of the row: 16-byte loads of four neighbours where the row is
+// 16-byte aligned (the workspace pads rows to a multiple of four), then the tail; index order within a thread is
+// not kept, and nothing below needs it (the ordered tie scan reads elements itself).
+CS_EXEC_CHECK_DISABLE
+template <class Block, class Visit>
+CS_HD void for_each_cosine(const Block& block, const float* cosines, int count, const Visit& visit) {
+  const int t = block.thread(), n = block.size();
+  int start = 0;
+  if (reinterpret_cast<uintptr_t>(cosines) % 16 == 0) {
+    const int quads = count / 4;
+    for (int q = t; q < quads; q += n) {
+      float four[4];
+      load4(cosines + 4 * q, four);
+      for (int j = 0; j < 4; ++j) visit(4 * q + j, four[j]);
+    }
+    start = quads * 4;
+  }
+  for (int i = start + t; i < count; i += n) visit(i, cosines[i]);
+}
+
+// What a radix pass does with each cosine: count its digit if its key has the prefix found so far, and on the
+// first pass also push its logit into the thread's softmax state. (Visitors are structs, not lambdas: nvcc's
+// host/device checks cannot be switched off for a lambda, and the host test block is host-only.)
+template <class Block>
+struct HistogramVisit {
+  Block& block;
+  RowShared& shared;
+  uint32_t prefix, mask;
+  int shift;
+  bool first_pass;
+  float scale, bias;
+  SoftmaxState& mine;
+
+  CS_EXEC_CHECK_DISABLE
+  CS_HD void operator()(int, float cosine) const {
+    if (first_pass) mine = softmax_push(mine, logit_of(cosine, scale, bias));
+    const uint32_t key = order_key(cosine);
+    if ((key & mask) == prefix) block.histogram_add(shared.histogram, (key >> shift) & (kRadixBins - 1));
+  }
+};
+
+// What the gather pass does with each cosine: claim a candidate slot if it is in the top k (unless ties must be
+// taken in label order, done after), and write its probability when the full row is wanted.
+template <class Block>
+struct GatherVisit {
+  Block& block;
+  RowShared& shared;
+  uint32_t threshold, mask, above;
+  bool ordered_ties;
+  float scale, bias;
+  int activation;
+  SoftmaxState softmax;
+  float* probabilities;
+
+  CS_EXEC_CHECK_DISABLE
+  CS_HD void operator()(int i, float cosine) const {
+    const uint32_t key = order_key(cosine) & mask;
+    int slot = -1;
+    if (key > threshold) {
+      slot = static_cast<int>(block.atomic_add(&shared.above_count, 1u));
+    } else if (key == threshold && !ordered_ties) {
+      slot = static_cast<int>(above + block.atomic_add(&shared.tie_count, 1u));
+    }
+    if (slot >= 0) {
+      shared.candidate_cosine[slot] = cosine;
+      shared.candidate_index[slot] = i;
+    }
+    if (probabilities) probabilities[i] = probability(logit_of(cosine, scale, bias), softmax, activation);
+  }
+};
+
 // One radix pass: histogram of digit `shift` among keys matching `prefix` under `mask`; thread 0 picks the bin.
 CS_EXEC_CHECK_DISABLE
 template <class Block>
@@ -180,12 +263,8 @@ CS_HD RadixStep radix_pass(Block& block, RowShared& shared, const float* cosines
   for (int bin = t; bin < kRadixBins; bin += n) shared.histogram[bin] = 0u;
   block.sync();
   SoftmaxState mine = softmax_empty();
-  for (int i = t; i < count; i += n) {
-    const float cosine = cosines[i];
-    if (softmax) mine = softmax_push(mine, logit_of(cosine, scale, bias));  // first pass only
-    const uint32_t key = order_key(cosine);
-    if ((key & mask) == prefix) block.histogram_add(shared.histogram, (key >> shift) & (kRadixBins - 1));
-  }
+  for_each_cosine(block, cosines, count,
+                  HistogramVisit<Block>{block, shared, prefix, mask, shift, softmax != nullptr, scale, bias, mine});
   if (softmax) *softmax = reduce_softmax(block, shared, mine);  // its barriers also complete the histogram
   block.sync();
   if (t == 0) shared.step = radix_select_bin(shared.histogram, k);
@@ -226,21 +305,9 @@ CS_HD void softmax_topk_row(Block& block, RowShared& shared, const float* cosine
   // Pass 5: gather candidates (and the full probability row).
   if (t == 0) shared.above_count = shared.tie_count = 0u;
   block.sync();
-  for (int i = t; i < count; i += n) {
-    const float cosine = cosines[i];
-    const uint32_t key = order_key(cosine) & mask;
-    int slot = -1;
-    if (key > threshold) {
-      slot = static_cast<int>(block.atomic_add(&shared.above_count, 1u));
-    } else if (key == threshold && !ordered_ties) {
-      slot = static_cast<int>(above + block.atomic_add(&shared.tie_count, 1u));
-    }
-    if (slot >= 0) {
-      shared.candidate_cosine[slot] = cosine;
-      shared.candidate_index[slot] = i;
-    }
-    if (probabilities) probabilities[i] = probability(logit_of(cosine, scale, bias), softmax, activation);
-  }
+  for_each_cosine(block, cosines, count,
+                  GatherVisit<Block>{block, shared, threshold, mask, above, ordered_ties, scale, bias, activation,
+                                     softmax, probabilities});
   if (ordered_ties) {
     // More equal keys than places: take them in label order, one tile of n labels at a time.
     uint32_t taken = 0u;

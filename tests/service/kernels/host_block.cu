@@ -32,10 +32,10 @@ struct HostBlock {
 
 extern "C" {
 
-// Rows of cosines [rows, count] -> top-k per row, as clipserve_softmax_topk writes them. Returns 0, or -1 for
+// Rows of cosines (`stride` floats apart) -> top-k per row, as clipserve_softmax_topk writes them. Returns 0, or -1 for
 // arguments the kernel does not take.
-int host_softmax_topk(const float* cosines, int rows, int count, int k, float scale, float bias, int activation,
-                      int threads, float* top_cosine, float* top_probability, int32_t* top_index,
+int host_softmax_topk(const float* cosines, int stride, int rows, int count, int k, float scale, float bias,
+                      int activation, int threads, float* top_cosine, float* top_probability, int32_t* top_index,
                       float* probabilities) {
   if (threads < 1 || threads > clipserve::kRowThreads || (threads & (threads - 1)) != 0) return -1;
   if (k < 1 || k > count || k > clipserve::kMaxTopK) return -1;
@@ -46,10 +46,10 @@ int host_softmax_topk(const float* cosines, int rows, int count, int k, float sc
     pool.emplace_back([&, id] {
       HostBlock block{id, threads, &barrier};
       for (int row = 0; row < rows; ++row) {
-        const size_t offset = static_cast<size_t>(row) * count, top = static_cast<size_t>(row) * k;
-        clipserve::softmax_topk_row(block, shared, cosines + offset, count, k, scale, bias, activation,
-                                    top_cosine + top, top_probability + top, top_index + top,
-                                    probabilities ? probabilities + offset : nullptr);
+        const size_t top = static_cast<size_t>(row) * k;
+        clipserve::softmax_topk_row(block, shared, cosines + static_cast<size_t>(row) * stride, count, k, scale,
+                                    bias, activation, top_cosine + top, top_probability + top, top_index + top,
+                                    probabilities ? probabilities + static_cast<size_t>(row) * count : nullptr);
       }
     });
   }

@@ -77,6 +77,7 @@ class HostRowKernel:
             c_int,
             c_int,
             c_int,
+            c_int,
             c_float,
             c_float,
             c_int,
@@ -95,6 +96,7 @@ class HostRowKernel:
     def softmax_topk_at(
         self,
         cosines: int,
+        stride: int,
         rows: int,
         count: int,
         k: int,
@@ -110,6 +112,7 @@ class HostRowKernel:
         """The kernel's signature on raw addresses (0 for no full row)."""
         status = self.lib.host_softmax_topk(
             cosines,
+            stride,
             rows,
             count,
             k,
@@ -133,7 +136,7 @@ class HostRowKernel:
         scale: float = 100.0,
         bias: float = 0.0,
         activation: int = 0,
-        threads: int = 256,
+        threads: int = 512,
         full_row: bool = False,
     ):  # type: ignore[no-untyped-def]
         cosines = np.ascontiguousarray(cosines, dtype=np.float32)
@@ -144,6 +147,7 @@ class HostRowKernel:
         probabilities = np.zeros((rows, count), np.float32) if full_row else None
         self.softmax_topk_at(
             cosines.ctypes.data,
+            count,
             rows,
             count,
             k,
@@ -205,7 +209,7 @@ class HostMemoryDriver:
         "clipserve_cosines_bf16": "bfloat16",
     }
 
-    def __init__(self, rows: HostRowKernel, threads: int = 256) -> None:
+    def __init__(self, rows: HostRowKernel, threads: int = 512) -> None:
         self.rows, self.threads = rows, threads
         self.live: dict[int, HostAllocation] = {}
         self.freed = 0
@@ -241,7 +245,8 @@ class HostMemoryDriver:
         assert all(isinstance(a, Pointer | Int32 | Float32) for a in arguments)
         self.launches.append((name, grid, block))
         if name in self._DTYPES:
-            images, labels, rows, count, dim, out = (int(a) for a in arguments)
+            images, labels, rows, count, dim, out, stride = (int(a) for a in arguments)
+            assert stride >= count and stride % 4 == 0
             dtype = self._DTYPES[name]
             raw = np.float32 if dtype == "float32" else (np.float16 if dtype == "float16" else np.uint16)
 
@@ -255,12 +260,13 @@ class HostMemoryDriver:
             else:  # [2C, D]: rounded labels, then the residuals of that rounding (similarity.cu)
                 both = read(labels, 2 * count)
                 label_matrix = both[:count] + both[count:]
-            _view(out, (rows, count), np.float32)[:] = read(images, rows) @ label_matrix.T
+            _view(out, (rows, stride), np.float32)[:, :count] = read(images, rows) @ label_matrix.T
             return
-        cosines, rows, count, k, scale, bias, activation, top_c, top_p, top_i, full = arguments
-        assert grid == (rows, 1) and block == 256
+        cosines, stride, rows, count, k, scale, bias, activation, top_c, top_p, top_i, full = arguments
+        assert grid == (rows, 1) and block == 512
         self.rows.softmax_topk_at(
             int(cosines),
+            int(stride),
             int(rows),
             int(count),
             int(k),

@@ -27,7 +27,7 @@ def check(
     cosines: np.ndarray,
     k: int,
     *,
-    threads: int = 256,
+    threads: int = 512,
     scale: float = 100.0,
     bias: float | None = None,
     sigmoid: bool = False,
@@ -53,10 +53,13 @@ def unit_rows(rng: np.random.Generator, rows: int, count: int) -> np.ndarray:
     return rng.normal(0.2, 0.05, (rows, count)).astype(np.float32)
 
 
-@pytest.mark.parametrize("threads", [1, 32, 256])
-@pytest.mark.parametrize(("count", "k"), [(1, 1), (2, 1), (7, 7), (255, 5), (256, 100), (257, 100), (1000, 10)])
+@pytest.mark.parametrize("threads", [1, 32, 512])
+@pytest.mark.parametrize(
+    ("count", "k"), [(1, 1), (2, 1), (7, 7), (255, 5), (256, 100), (257, 100), (1000, 10), (2047, 3), (2049, 128)]
+)
 def test_top_k_and_probabilities_match_numpy(host_kernel: HostRowKernel, threads: int, count: int, k: int) -> None:
-    # count = 1 and k = count; counts around the block size (tails); one thread (no reduction at all).
+    # count = 1 and k = count; counts around the block size and around four per thread (the 16-byte loads and
+    # their tails); one thread (no reduction at all).
     rng = np.random.default_rng(count * 1000 + k)
     check(host_kernel, unit_rows(rng, 3, count), k, threads=threads)
 
@@ -151,3 +154,36 @@ def test_radix_select_picks_the_bin_of_the_kth_largest(
     histogram = np.zeros(256, np.uint32)
     histogram[[200, 7, 0]] = 2, 5, 1
     assert host_kernel.radix_select_bin(histogram, k) == expected
+
+
+def test_rows_at_a_stride_and_unaligned_rows(host_kernel: HostRowKernel) -> None:
+    # The workspace pads rows to a multiple of four floats; a row that starts off a 16-byte boundary (not produced
+    # by the service, but allowed) takes the element-by-element path. Both must give the same answer.
+    rng = np.random.default_rng(5)
+    count, stride, k = 1001, 1004, 7
+    rows = unit_rows(rng, 3, count)
+    order, top_p, _ = reference(rows, k)
+    for offset in (0, 1):  # offset 1: every row starts 4 bytes past an aligned address
+        flat = np.full(3 * stride + 1, np.nan, np.float32)  # NaN padding: read by mistake, it would show
+        view = flat[offset : offset + 3 * stride].reshape(3, stride)
+        view[:, :count] = rows
+        top_c = np.zeros((3, k), np.float32)
+        got_p = np.zeros((3, k), np.float32)
+        got_i = np.zeros((3, k), np.int32)
+        host_kernel.softmax_topk_at(
+            view.ctypes.data,
+            stride,
+            3,
+            count,
+            k,
+            100.0,
+            0.0,
+            SOFTMAX,
+            64,
+            top_c.ctypes.data,
+            got_p.ctypes.data,
+            got_i.ctypes.data,
+            0,
+        )
+        np.testing.assert_array_equal(got_i, order)
+        np.testing.assert_allclose(got_p, top_p, rtol=0, atol=1e-5)
