@@ -82,9 +82,12 @@ def kernel_section(config: Config, recorder: Recorder) -> None:
     from service.gpu.similarity import CudaSimilarity, LabelSet
 
     cuda = config.device == "cuda"
-    similarity = None
+    similarity = single = None
     if cuda:
         similarity = CudaSimilarity(fatbin=config.fatbin, label_cache_bytes=4 << 30)
+        # The same kernel scoring fp16/bf16 embeddings against the rounded labels alone: half the GEMM work, less
+        # parity with the CPU path. Measured beside the default so the trade-off is on record.
+        single = CudaSimilarity(fatbin=config.fatbin, label_cache_bytes=4 << 30, label_residuals=False)
     else:
         recorder.set("kernel_skipped", "no CUDA GPU here: the kernel's columns are not measured")
     recorder.set(
@@ -104,18 +107,25 @@ def kernel_section(config: Config, recorder: Recorder) -> None:
             label_set = LabelSet(f"gpu-check-{count}-{dim}", labels.cpu().numpy())
             for rows in config.batches:
                 for dtype in (config.dtype, *config.extra_dtypes.get((rows, count, dim), ())):
-                    row = _kernel_row(torch, config, similarity, labels, label_set, rows, dtype)
+                    row = _kernel_row(torch, config, (similarity, single), labels, label_set, rows, dtype)
                     recorder.row("rows", row)
                     print(
                         f"    kernel B={rows} C={count} D={dim} {dtype}: kernel {_us(row.get('kernel_us'))}, "
                         f"torch {_us(row.get('torch_us'))}, numpy {_us(row.get('numpy_us'))}",
                         flush=True,
                     )
-            if similarity is not None:
-                similarity.labels.forget(label_set.key)  # the next label set gets the memory
+            for engine in (similarity, single):
+                if engine is not None:
+                    engine.labels.forget(label_set.key)  # the next label set gets the memory
             del labels
-    if similarity is not None:
-        similarity.close()
+    for engine in (similarity, single):
+        if engine is not None:
+            engine.close()
+
+
+def _max_probability_difference(engine: Any, images: Any, label_set: Any, k: int, every: np.ndarray) -> float:
+    result = engine.rank(images, label_set, CLIP, k)
+    return float(np.abs(result.probabilities - np.take_along_axis(every, result.indices, axis=1)).max())
 
 
 def _us(value: float | None) -> str:
@@ -123,8 +133,9 @@ def _us(value: float | None) -> str:
 
 
 def _kernel_row(
-    torch: Any, config: Config, similarity: Any, labels: Any, label_set: Any, rows: int, dtype: str
+    torch: Any, config: Config, engines: tuple[Any, Any], labels: Any, label_set: Any, rows: int, dtype: str
 ) -> dict[str, Any]:
+    similarity, single = engines
     from service.gpu.device_array import DeviceArray
 
     count, dim = label_set.matrix.shape
@@ -155,6 +166,12 @@ def _kernel_row(
         measure(
             row, "top1_agreement", lambda: float(np.mean(kernel_path().indices[:, 0] == torch_path()[1][:, 0].numpy()))
         )
+        if dtype != "float32" and single is not None:
+
+            def single_path() -> Any:
+                return single.rank(array, label_set, CLIP, k)
+
+            measure(row, "kernel_single_us", partial(timed, single_path))
     if rows * count <= config.numpy_max_scores:
         host_images = images.float().cpu().numpy()
         host_labels = label_set.matrix
@@ -164,6 +181,13 @@ def _kernel_row(
             return np.take_along_axis(probabilities, ranked(probabilities, k), axis=1)
 
         measure(row, "numpy_us", lambda: median_call_us(numpy_path, warmup=0, reps=5, seconds=1.5, min_reps=1))
+        if similarity is not None:
+            # Parity with the CPU path on the same embeddings: the largest probability difference, by label
+            # (the top-k of each side, compared on the labels both picked).
+            every = CLIP.probabilities(cosines(host_images, host_labels))
+            for column, engine in (("max_dp", similarity), ("max_dp_single", single)):
+                if engine is not None and (column == "max_dp" or dtype != "float32"):
+                    measure(row, column, partial(_max_probability_difference, engine, array, label_set, k, every))
     else:
         row["numpy_us"] = None
         row.setdefault("skipped", {})["numpy_us"] = f"B×C above {config.numpy_max_scores:,}"

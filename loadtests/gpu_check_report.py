@@ -254,7 +254,11 @@ def _kernel(section: dict[str, Any]) -> str:
         "{reps} calls after {warmup} warm-ups. *device*: GPU time of the kernels alone (copies excluded), torch "
         "profiler (CUPTI) over {profile_reps} calls. *numpy*: the CPU path (`cosines`, `Scoring.probabilities`, "
         "`ranked`) on float32 host embeddings, only where B×C ≤ {cap}. *top-1 agree*: share of images whose most "
-        "probable label is the same for the kernel and torch (a sanity check; fp16 near-ties may differ).".format(
+        "probable label is the same for the kernel and torch (a sanity check; fp16 near-ties may differ). "
+        "*single µs*: the kernel scoring fp16/bf16 embeddings against the rounded labels alone "
+        "(`label_residuals=False`, half the GEMM work). *max |Δp|*: the largest difference from the numpy path's "
+        "probability of the same label, with and without the label residuals (issue 9 bound: 1e-5 fp32, 1e-3 "
+        "fp16/bf16).".format(
             k=method.get("k", "?"),
             reps=method.get("reps", "?"),
             warmup=method.get("warmup", "?"),
@@ -283,6 +287,9 @@ def _kernel(section: dict[str, Any]) -> str:
                 _number(r.get("device_speedup"), 2, "×"),
                 _number(r.get("numpy_us"), 0),
                 _number(r.get("top1_agreement"), 3),
+                _number(r.get("kernel_single_us")),
+                _scientific(r.get("max_dp")),
+                _scientific(r.get("max_dp_single")),
                 f"◀ target ≥ {t['speedup']:g}×" if is_target else "",
             ]
         )
@@ -303,14 +310,21 @@ def _kernel(section: dict[str, Any]) -> str:
                     "device speed-up",
                     "numpy µs",
                     "top-1 agree",
+                    "single µs",
+                    "max |Δp|",
+                    "max |Δp| single",
                     "",
                 ],
                 rows,
-                "rrrlrrrrrrrrrl",
+                "rrrlrrrrrrrrrrrrl",
             )
         )
     text.extend(_row_problems(section.get("rows", []), lambda r: f"B={r['B']} C={r['C']} D={r['D']} {r['dtype']}"))
     return "\n\n".join(text)
+
+
+def _scientific(value: float | None) -> str | None:
+    return None if value is None else f"{value:.1e}"
 
 
 def _row_problems(rows: list[dict[str, Any]], label: Any) -> list[str]:

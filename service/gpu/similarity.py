@@ -30,12 +30,18 @@ log = logging.getLogger("clipserve.gpu")
 
 MAX_TOP_K = 128  # similarity.cuh's kMaxTopK: beyond it (or for every label) the whole row comes back
 ROW_THREADS = 512  # kRowThreads
-_GEMM_TILE = 64
-_GEMM_THREADS = {"float32": 256, "float16": 128, "bfloat16": 128}
+# similarity.cu's GEMM tiles: 64 labels per block; 64 images per fp32 block, 128 per fp16/bf16 block.
+LABEL_TILE = 64
+IMAGE_TILE = {"float32": 64, "float16": 128, "bfloat16": 128}
+WORKSPACE_ROWS = 128  # the workspace holds whole image tiles of either size
+_GEMM_THREADS = 256
 _COSINE_KERNELS = {
-    "float32": "clipserve_cosines_f32",
-    "float16": "clipserve_cosines_f16",
-    "bfloat16": "clipserve_cosines_bf16",
+    ("float32", True): "clipserve_cosines_f32",
+    ("float32", False): "clipserve_cosines_f32",
+    ("float16", True): "clipserve_cosines_f16",
+    ("float16", False): "clipserve_cosines_f16_single",
+    ("bfloat16", True): "clipserve_cosines_bf16",
+    ("bfloat16", False): "clipserve_cosines_bf16_single",
 }
 _ACTIVATIONS = {"softmax": 0, "sigmoid": 1}
 
@@ -78,28 +84,37 @@ class RankedScores:
 
 
 def row_stride(count: int) -> int:
-    """Floats between rows of the cosine workspace: `count` rounded up to four, so every row is 16-byte aligned."""
-    return -(-count // 4) * 4
+    """Floats between rows of the cosine workspace: `count` rounded up to whole label tiles, so a GEMM block
+    stores full tiles and every row is aligned for 16-byte loads."""
+    return -(-count // LABEL_TILE) * LABEL_TILE
 
 
-def _device_bits(matrix: np.ndarray, dtype: str) -> np.ndarray:
-    """Host bytes of the label matrix as the kernel reads it: fp32 as is; for fp16/bf16 [2C, D], the rounded
-    matrix then the residuals of that rounding, so the labels keep about fp32 accuracy (similarity.cu)."""
+def workspace_rows(rows: int) -> int:
+    return -(-rows // WORKSPACE_ROWS) * WORKSPACE_ROWS
+
+
+def _device_bits(matrix: np.ndarray, dtype: str, residuals: bool) -> np.ndarray:
+    """Host bytes of the label matrix as the kernel reads it: fp32 as is; fp16/bf16 rounded, followed (with
+    `residuals`) by what the rounding lost, [2C, D], so the labels keep about fp32 accuracy (similarity.cu)."""
     labels = np.ascontiguousarray(matrix, dtype=np.float32)
     if dtype == "float32":
         return labels
     if dtype == "float16":
         high = labels.astype(np.float16)
+        if not residuals:
+            return high
         return np.concatenate([high, (labels - high.astype(np.float32)).astype(np.float16)])
     high_bits = bfloat16_bits(labels)
+    if not residuals:
+        return high_bits
     return np.concatenate([high_bits, bfloat16_bits(labels - widen_to_float32(high_bits, "bfloat16"))])
 
 
 class DeviceLabelCache:
     """Label matrices on the device, least recently used first out, bounded in bytes."""
 
-    def __init__(self, driver: Driver, capacity_bytes: int) -> None:
-        self._driver, self.capacity_bytes = driver, capacity_bytes
+    def __init__(self, driver: Driver, capacity_bytes: int, *, residuals: bool = True) -> None:
+        self._driver, self.capacity_bytes, self.residuals = driver, capacity_bytes, residuals
         self._entries: OrderedDict[tuple[str, str], DeviceAllocation] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
@@ -115,7 +130,7 @@ class DeviceLabelCache:
             self.hits += 1
             return entry
         self.misses += 1
-        bits = _device_bits(labels.matrix, dtype)
+        bits = _device_bits(labels.matrix, dtype, self.residuals)
         entry = self._driver.allocate(bits.nbytes)
         self._driver.upload(entry.pointer, bits)
         self._entries[key] = entry
@@ -171,7 +186,10 @@ class CudaSimilarity:
         fatbin: Path = DEFAULT_FATBIN,
         label_cache_bytes: int = 512 * 1024 * 1024,
         workspace_bytes: int = 64 * 1024 * 1024,
+        label_residuals: bool = True,
     ) -> None:
+        """`label_residuals` (fp16/bf16 embeddings only): score against the labels' rounded values plus what the
+        rounding lost (CPU-path parity, twice the GEMM work) rather than the rounded values alone."""
         if driver is None:
             from service.gpu.driver import default_driver
 
@@ -187,7 +205,7 @@ class CudaSimilarity:
         driver.load_kernels(fatbin.read_bytes(), ENTRY_POINTS)
         self.device = driver.device
         self._l2_bytes = driver.l2_cache_bytes()
-        self.labels = DeviceLabelCache(driver, label_cache_bytes)
+        self.labels = DeviceLabelCache(driver, label_cache_bytes, residuals=label_residuals)
         self.workspace_bytes = workspace_bytes
         self._buffers = _Buffers(driver)
         self._lock = threading.Lock()
@@ -229,24 +247,27 @@ class CudaSimilarity:
         return RankedScores(out[2].view(np.int32).astype(np.int64), out[1].astype(np.float64), out[0].copy())
 
     def _group_rows(self, rows: int, count: int) -> int:
-        """Rows scored per launch pair: their cosines fit the workspace and, on a GPU, half of L2, where the row
-        kernel's five passes then find them; whole GEMM tiles (64 rows) where that leaves at least one."""
+        """Rows scored per launch pair: their cosines fit the workspace and, on a GPU, about half of L2, where
+        the row kernel's passes then find them (but at least one whole fp16 GEMM tile, which computes 128 rows
+        anyway); whole tiles where that leaves at least one."""
+        row_bytes = row_stride(count) * 4
         budget = self.workspace_bytes
         if self._l2_bytes:
-            budget = min(budget, self._l2_bytes // 2)
-        group = budget // (row_stride(count) * 4)
-        if group >= _GEMM_TILE:
-            group -= group % _GEMM_TILE
+            budget = min(budget, max(self._l2_bytes // 2, WORKSPACE_ROWS * row_bytes))
+        group = budget // row_bytes
+        if group >= WORKSPACE_ROWS:
+            group -= group % WORKSPACE_ROWS
         return max(1, min(rows, group))
 
     def _cosines(self, images: DeviceArray, labels: int, count: int) -> int:
-        """Launch the cosine GEMM for these rows into the workspace ([rows, row_stride(count)]); returns its address."""
+        """Launch the cosine GEMM for these rows into the workspace ([workspace_rows(rows), row_stride(count)]);
+        returns its address."""
         rows, dim, stride = len(images), images.shape[1], row_stride(count)
-        cosines = self._buffers.get("cosines", rows * stride * 4)
+        cosines = self._buffers.get("cosines", workspace_rows(rows) * stride * 4)
         self._driver.launch(
-            _COSINE_KERNELS[images.dtype],
-            (-(-count // _GEMM_TILE), -(-rows // _GEMM_TILE)),
-            _GEMM_THREADS[images.dtype],
+            _COSINE_KERNELS[images.dtype, self.labels.residuals],
+            (-(-rows // IMAGE_TILE[images.dtype]), -(-count // LABEL_TILE)),  # image tiles on x (similarity.cu)
+            _GEMM_THREADS,
             [
                 Pointer(images.pointer),
                 Pointer(labels),

@@ -21,7 +21,14 @@ ARCHITECTURES = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100")
 # PTX of the newest listed family, which the driver compiles at load time on GPUs newer than all of the above.
 PTX_ARCHITECTURE = "compute_100"
 
-ENTRY_POINTS = ("clipserve_cosines_f32", "clipserve_cosines_f16", "clipserve_cosines_bf16", "clipserve_softmax_topk")
+ENTRY_POINTS = (
+    "clipserve_cosines_f32",
+    "clipserve_cosines_f16",
+    "clipserve_cosines_bf16",
+    "clipserve_cosines_f16_single",
+    "clipserve_cosines_bf16_single",
+    "clipserve_softmax_topk",
+)
 
 
 def nvcc_command(output: Path, *, nvcc: str = "nvcc", architectures: tuple[str, ...] = ARCHITECTURES) -> list[str]:

@@ -35,16 +35,25 @@ struct CudaBlock {
   }
 };
 
-constexpr int kTile = 64;  // a GEMM block computes 64 images x 64 labels
+// The cosine workspace: rows `stride` floats apart, stride a multiple of kLabelTile (64) and the rows allocated
+// rounded up to whole image tiles, so a GEMM block stores its full tile without bounds checks (padding is never
+// read) and every row starts 16-byte aligned for the row passes' 16-byte loads.
+constexpr int kLabelTile = 64;  // labels per GEMM block
+constexpr int kFmaImageTile = 64;    // images per fp32 GEMM block
+constexpr int kWmmaImageTile = 128;  // images per fp16/bf16 GEMM block
 
-// fp32: 256 threads, each a 4x4 sub-tile, operands staged through shared memory 16 dimensions at a time.
+// Grids put image tiles on x: the blocks that share a label tile run next to each other, so each label tile comes
+// from HBM once and from L2 for the other image tiles (labels are the big operand: C x D against B x D).
+
+// fp32: 256 threads, each a 4x4 sub-tile of a 64 x 64 tile, operands staged through shared memory 16 dimensions
+// at a time.
 __device__ void cosines_fma(const float* images, const float* labels, int rows, int count, int dim, float* cosines,
                             int stride) {
   constexpr int kDepth = 16;
-  __shared__ float image_tile[kDepth][kTile + 4];  // [d][image]: the +4 keeps the 4-wide reads conflict-free
-  __shared__ float label_tile[kDepth][kTile + 4];
+  __shared__ float image_tile[kDepth][kFmaImageTile + 4];  // [d][image]: the +4 keeps the 4-wide reads conflict-free
+  __shared__ float label_tile[kDepth][kLabelTile + 4];
   const int t = static_cast<int>(threadIdx.x);
-  const int row0 = static_cast<int>(blockIdx.y) * kTile, col0 = static_cast<int>(blockIdx.x) * kTile;
+  const int row0 = static_cast<int>(blockIdx.x) * kFmaImageTile, col0 = static_cast<int>(blockIdx.y) * kLabelTile;
   const int tm = (t / 16) * 4, tn = (t % 16) * 4;
   // 16-byte loads when every row starts 16-byte aligned (D a multiple of 4 and aligned bases, as engine outputs
   // are); element loads otherwise. The branch is uniform across the grid.
@@ -52,7 +61,7 @@ __device__ void cosines_fma(const float* images, const float* labels, int rows, 
   float acc[4][4] = {};
   for (int d0 = 0; d0 < dim; d0 += kDepth) {
     if (vector) {
-      for (int e = t; e < kTile * (kDepth / 4); e += 256) {
+      for (int e = t; e < kFmaImageTile * (kDepth / 4); e += 256) {
         const int m = e / (kDepth / 4), part = (e % (kDepth / 4)) * 4, d = d0 + part;
         const int r = row0 + m, c = col0 + m;
         float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;
@@ -64,7 +73,7 @@ __device__ void cosines_fma(const float* images, const float* labels, int rows, 
         label_tile[part + 3][m] = b.w;
       }
     } else {
-      for (int e = t; e < kTile * kDepth; e += 256) {
+      for (int e = t; e < kFmaImageTile * kDepth; e += 256) {
         const int m = e / kDepth, d = d0 + e % kDepth;
         const int r = row0 + m, c = col0 + m;
         image_tile[e % kDepth][m] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : 0.0f;
@@ -91,59 +100,65 @@ __device__ void cosines_fma(const float* images, const float* labels, int rows, 
     }
 }
 
-// fp16/bf16: 128 threads = 4 warps, each warp a 32x32 quarter as 2x2 WMMA 16x16x16 fragments with fp32
-// accumulators; operands staged through shared memory 32 dimensions at a time, zero-padded at the edges so any
-// B, C and D work.
+// fp16/bf16: 256 threads = 8 warps over a 128 x 64 tile, each warp a 32 x 32 piece as 2 x 2 WMMA 16x16x16 fragments
+// with fp32 accumulators; operands staged through shared memory 32 dimensions at a time, zero-padded at the edges
+// so any B, C and D work; accumulators stored straight to the (padded) workspace.
 //
-// The label matrix comes in two halves, [2C, D]: each fp32 label vector rounded to T, then what that rounding
-// lost, also in T. Both are multiplied into the same fp32 accumulator, so the labels count at about fp32
-// accuracy (bf16 alone would move probabilities by up to 6e-3 against the CPU path at logit scale 100; high + low
-// by under 1e-5), while the image embeddings are exactly what the engine produced. Twice the tensor-core work
-// of a GEMM that is not the bottleneck.
-template <typename T>
+// With kResiduals the label matrix comes in two halves, [2C, D]: each fp32 label vector rounded to T, then what
+// that rounding lost, also in T. Both are multiplied into the same fp32 accumulator, so the labels count at about
+// fp32 accuracy (bf16 alone moves probabilities by up to 6e-3 against the CPU path at logit scale 100; high + low
+// by about 1e-5) while the image embeddings are exactly what the engine produced, for twice the tensor-core
+// work. Without, labels are [C, D] in T: half the work, CPU-path parity only to the rounding of the labels.
+template <typename T, bool kResiduals>
 __device__ void cosines_wmma(const T* images, const T* labels, int rows, int count, int dim, float* cosines,
                              int stride) {
   using namespace nvcuda;
   constexpr int kDepth = 32, kStride = kDepth + 8;  // +8 halves: rows stay 16-byte aligned, fewer bank conflicts
-  __shared__ __align__(32) T image_tile[kTile][kStride];
-  __shared__ __align__(32) T label_tile[kTile][kStride];  // [label][d] = the label matrix's transpose, col-major
-  __shared__ __align__(32) T residual_tile[kTile][kStride];
-  __shared__ __align__(32) float out_tile[kTile][kTile + 4];
+  constexpr int kThreads = 256;
+  __shared__ __align__(32) T image_tile[kWmmaImageTile][kStride];
+  __shared__ __align__(32) T label_tile[kLabelTile][kStride];  // [label][d] = the labels' transpose, col-major
+  __shared__ __align__(32) T residual_tile[kResiduals ? kLabelTile : 1][kStride];
   const int t = static_cast<int>(threadIdx.x), warp = t / 32;
-  const int row0 = static_cast<int>(blockIdx.y) * kTile, col0 = static_cast<int>(blockIdx.x) * kTile;
+  const int row0 = static_cast<int>(blockIdx.x) * kWmmaImageTile, col0 = static_cast<int>(blockIdx.y) * kLabelTile;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const T zero = T(0.0f);
+  const T* residuals = labels + static_cast<size_t>(count) * dim;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   // 16-byte loads (8 elements) when every row starts 16-byte aligned, element loads otherwise (uniform branch).
-  const T* residuals = labels + static_cast<size_t>(count) * dim;
   const bool vector = dim % 8 == 0 && (reinterpret_cast<uintptr_t>(images) | reinterpret_cast<uintptr_t>(labels)) % 16 == 0;
   for (int d0 = 0; d0 < dim; d0 += kDepth) {
     if (vector) {
-      for (int e = t; e < kTile * (kDepth / 8); e += 128) {
-        const int m = e / (kDepth / 8), part = (e % (kDepth / 8)) * 8, d = d0 + part;
-        const int r = row0 + m, c = col0 + m;
-        uint4 a = make_uint4(0u, 0u, 0u, 0u), b = a, low = a;  // all-zero bits are +0 in fp16 and bf16
+      constexpr int kParts = kDepth / 8;
+      for (int e = t; e < kWmmaImageTile * kParts; e += kThreads) {
+        const int m = e / kParts, part = (e % kParts) * 8, d = d0 + part, r = row0 + m;
+        uint4 a = make_uint4(0u, 0u, 0u, 0u);  // all-zero bits are +0 in fp16 and bf16
         if (r < rows && d < dim) a = *reinterpret_cast<const uint4*>(images + static_cast<size_t>(r) * dim + d);
+        *reinterpret_cast<uint4*>(&image_tile[m][part]) = a;
+      }
+      for (int e = t; e < kLabelTile * kParts; e += kThreads) {
+        const int m = e / kParts, part = (e % kParts) * 8, d = d0 + part, c = col0 + m;
+        uint4 b = make_uint4(0u, 0u, 0u, 0u), low = b;
         if (c < count && d < dim) {
           b = *reinterpret_cast<const uint4*>(labels + static_cast<size_t>(c) * dim + d);
-          low = *reinterpret_cast<const uint4*>(residuals + static_cast<size_t>(c) * dim + d);
+          if constexpr (kResiduals) low = *reinterpret_cast<const uint4*>(residuals + static_cast<size_t>(c) * dim + d);
         }
-        *reinterpret_cast<uint4*>(&image_tile[m][part]) = a;
         *reinterpret_cast<uint4*>(&label_tile[m][part]) = b;
-        *reinterpret_cast<uint4*>(&residual_tile[m][part]) = low;
+        if constexpr (kResiduals) *reinterpret_cast<uint4*>(&residual_tile[m][part]) = low;
       }
     } else {
-      for (int e = t; e < kTile * kDepth; e += 128) {
-        const int m = e / kDepth, d = d0 + e % kDepth;
-        const int r = row0 + m, c = col0 + m;
-        const bool label_in = c < count && d < dim;
+      for (int e = t; e < kWmmaImageTile * kDepth; e += kThreads) {
+        const int m = e / kDepth, d = d0 + e % kDepth, r = row0 + m;
         image_tile[m][e % kDepth] = (r < rows && d < dim) ? images[static_cast<size_t>(r) * dim + d] : zero;
-        label_tile[m][e % kDepth] = label_in ? labels[static_cast<size_t>(c) * dim + d] : zero;
-        residual_tile[m][e % kDepth] = label_in ? residuals[static_cast<size_t>(c) * dim + d] : zero;
+      }
+      for (int e = t; e < kLabelTile * kDepth; e += kThreads) {
+        const int m = e / kDepth, d = d0 + e % kDepth, c = col0 + m;
+        const bool inside = c < count && d < dim;
+        label_tile[m][e % kDepth] = inside ? labels[static_cast<size_t>(c) * dim + d] : zero;
+        if constexpr (kResiduals) residual_tile[m][e % kDepth] = inside ? residuals[static_cast<size_t>(c) * dim + d] : zero;
       }
     }
     __syncthreads();
@@ -156,53 +171,63 @@ __device__ void cosines_wmma(const T* images, const T* labels, int rows, int cou
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
         wmma::load_matrix_sync(b[j], &label_tile[wn + 16 * j][d], kStride);
-        wmma::load_matrix_sync(low[j], &residual_tile[wn + 16 * j][d], kStride);
+        if constexpr (kResiduals) wmma::load_matrix_sync(low[j], &residual_tile[wn + 16 * j][d], kStride);
       }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          wmma::mma_sync(acc[i][j], a[i], low[j], acc[i][j]);  // the small part first: less rounding in the sum
+          if constexpr (kResiduals) wmma::mma_sync(acc[i][j], a[i], low[j], acc[i][j]);  // the small part first
           wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
         }
     }
     __syncthreads();
   }
+  // Straight to the workspace: its rows cover whole image tiles and its stride whole label tiles, so the full
+  // fragments fit; the stride (a multiple of 64 floats) keeps every fragment's address 32-byte aligned.
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
-    for (int j = 0; j < 2; ++j)
-      wmma::store_matrix_sync(&out_tile[wm + 16 * i][wn + 16 * j], acc[i][j], kTile + 4, wmma::mem_row_major);
-  __syncthreads();
-  for (int e = t; e < kTile * kTile; e += 128) {
-    const int r = row0 + e / kTile, c = col0 + e % kTile;
-    if (r < rows && c < count) cosines[static_cast<size_t>(r) * stride + c] = out_tile[e / kTile][e % kTile];
-  }
+    for (int j = 0; j < 2; ++j) {
+      float* out = cosines + static_cast<size_t>(row0 + wm + 16 * i) * stride + (col0 + wn + 16 * j);
+      wmma::store_matrix_sync(out, acc[i][j], stride, wmma::mem_row_major);
+    }
 }
 
 }  // namespace clipserve
 
-// Entry points: C names for cuModuleGetFunction. Grids: cosines (ceil(C/64), ceil(B/64)) blocks of 256 (fp32)
-// or 128 (fp16, bf16) threads; softmax_topk one block of kRowThreads per image. The cosine workspace's rows are
-// `stride` floats apart, a multiple of four, so the row passes can read it 16 bytes at a time. The fp16/bf16
-// label matrices are [2C, D] (rounded, then residuals; see cosines_wmma).
+// Entry points: C names for cuModuleGetFunction. Grids: cosines (image tiles, label tiles), 256 threads; the fp32
+// tile is 64 images, the fp16/bf16 tile 128; softmax_topk one block of kRowThreads per image. The fp16/bf16 label
+// matrices are [2C, D] (rounded, then residuals) and [C, D] for the *_single variants (see cosines_wmma).
 extern "C" __global__ void __launch_bounds__(256) clipserve_cosines_f32(const float* images, const float* labels,
                                                                          int rows, int count, int dim,
                                                                          float* cosines, int stride) {
   clipserve::cosines_fma(images, labels, rows, count, dim, cosines, stride);
 }
 
-extern "C" __global__ void __launch_bounds__(128) clipserve_cosines_f16(const __half* images, const __half* labels,
+extern "C" __global__ void __launch_bounds__(256) clipserve_cosines_f16(const __half* images, const __half* labels,
                                                                          int rows, int count, int dim,
                                                                          float* cosines, int stride) {
-  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines, stride);
+  clipserve::cosines_wmma<__half, true>(images, labels, rows, count, dim, cosines, stride);
 }
 
-extern "C" __global__ void __launch_bounds__(128) clipserve_cosines_bf16(const __nv_bfloat16* images,
+extern "C" __global__ void __launch_bounds__(256) clipserve_cosines_bf16(const __nv_bfloat16* images,
                                                                           const __nv_bfloat16* labels, int rows,
                                                                           int count, int dim, float* cosines,
                                                                           int stride) {
-  clipserve::cosines_wmma(images, labels, rows, count, dim, cosines, stride);
+  clipserve::cosines_wmma<__nv_bfloat16, true>(images, labels, rows, count, dim, cosines, stride);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    clipserve_cosines_f16_single(const __half* images, const __half* labels, int rows, int count, int dim,
+                                 float* cosines, int stride) {
+  clipserve::cosines_wmma<__half, false>(images, labels, rows, count, dim, cosines, stride);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    clipserve_cosines_bf16_single(const __nv_bfloat16* images, const __nv_bfloat16* labels, int rows, int count,
+                                  int dim, float* cosines, int stride) {
+  clipserve::cosines_wmma<__nv_bfloat16, false>(images, labels, rows, count, dim, cosines, stride);
 }
 
 // Rows of `cosines` start `stride` floats apart; probabilities (every label's, [rows, count]) may be null.

@@ -203,10 +203,13 @@ def _view(pointer: int, shape: tuple[int, ...], dtype: type) -> np.ndarray:
 class HostMemoryDriver:
     """Fake CudaDriver (the GPU boundary): host memory and host implementations of the kernels."""
 
-    _DTYPES: ClassVar[dict[str, str]] = {
-        "clipserve_cosines_f32": "float32",
-        "clipserve_cosines_f16": "float16",
-        "clipserve_cosines_bf16": "bfloat16",
+    # kernel -> (input dtype, labels with residual halves, images per GEMM tile)
+    _GEMMS: ClassVar[dict[str, tuple[str, bool, int]]] = {
+        "clipserve_cosines_f32": ("float32", False, 64),
+        "clipserve_cosines_f16": ("float16", True, 128),
+        "clipserve_cosines_bf16": ("bfloat16", True, 128),
+        "clipserve_cosines_f16_single": ("float16", False, 128),
+        "clipserve_cosines_bf16_single": ("bfloat16", False, 128),
     }
 
     def __init__(self, rows: HostRowKernel, threads: int = 512) -> None:
@@ -244,26 +247,26 @@ class HostMemoryDriver:
         assert name in self.loaded, f"{name} was not loaded"
         assert all(isinstance(a, Pointer | Int32 | Float32) for a in arguments)
         self.launches.append((name, grid, block))
-        if name in self._DTYPES:
+        if name in self._GEMMS:
             images, labels, rows, count, dim, out, stride = (int(a) for a in arguments)
-            assert stride >= count and stride % 4 == 0
-            dtype = self._DTYPES[name]
+            dtype, residuals, image_tile = self._GEMMS[name]
+            assert stride >= count and stride % 64 == 0 and block == 256
+            assert grid == (-(-rows // image_tile), -(-count // 64))  # image tiles on x
             raw = np.float32 if dtype == "float32" else (np.float16 if dtype == "float16" else np.uint16)
 
             def read(pointer: int, n: int) -> np.ndarray:
                 bits = _view(pointer, (n, dim), raw)
                 return widen_to_float32(bits.view(np.uint16), dtype) if dtype != "float32" else bits.copy()
 
-            assert grid == (-(-count // 64), -(-rows // 64))
-            if dtype == "float32":
-                label_matrix = read(labels, count)
-            else:  # [2C, D]: rounded labels, then the residuals of that rounding (similarity.cu)
+            if residuals:  # [2C, D]: rounded labels, then the residuals of that rounding (similarity.cu)
                 both = read(labels, 2 * count)
                 label_matrix = both[:count] + both[count:]
+            else:
+                label_matrix = read(labels, count)
             _view(out, (rows, stride), np.float32)[:, :count] = read(images, rows) @ label_matrix.T
             return
         cosines, stride, rows, count, k, scale, bias, activation, top_c, top_p, top_i, full = arguments
-        assert grid == (rows, 1) and block == 512
+        assert grid == (rows, 1) and block == 512 and int(stride) % 64 == 0
         self.rows.softmax_topk_at(
             int(cosines),
             int(stride),

@@ -34,6 +34,15 @@ def similarity(tmp_path_factory: pytest.TempPathFactory) -> CudaSimilarity:
     engine.close()
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> CudaSimilarity:
+    """The kernel without label residuals: fp16/bf16 labels scored as rounded."""
+    fatbin = build(tmp_path_factory.mktemp("kernels-single") / "similarity.fatbin")
+    engine = CudaSimilarity(fatbin=fatbin, label_residuals=False)
+    yield engine
+    engine.close()
+
+
 def unit_rows(torch, rows: int, dim: int, seed: int):  # type: ignore[no-untyped-def]
     generator = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(rows, dim, device="cuda", generator=generator)
@@ -41,7 +50,15 @@ def unit_rows(torch, rows: int, dim: int, seed: int):  # type: ignore[no-untyped
 
 
 def check(
-    similarity: CudaSimilarity, rows: int, count: int, dim: int, k: int, dtype: str, scoring: Scoring = CLIP
+    similarity: CudaSimilarity,
+    rows: int,
+    count: int,
+    dim: int,
+    k: int,
+    dtype: str,
+    scoring: Scoring = CLIP,
+    *,
+    rounded_labels: bool = False,
 ) -> None:
     torch = pytest.importorskip("torch")
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
@@ -51,8 +68,10 @@ def check(
     labels = LabelSet(f"gpu-test-{count}-{dim}", labels32.cpu().numpy())
     result = similarity.rank(DeviceArray.from_torch(images), labels, scoring, k)
 
-    # The CPU path's inputs: the embeddings as the engine left them (in `dtype`) and the fp32 label vectors.
-    scores = images.double() @ labels32.double().T
+    # The CPU path's inputs: the embeddings as the engine left them (in `dtype`) and the fp32 label vectors (or,
+    # for the kernel without label residuals, the labels as rounded to `dtype`).
+    seen_labels = labels32.to(torch_dtype) if rounded_labels else labels32
+    scores = images.double() @ seen_labels.double().T
     logits = scoring.logit_scale * scores + (scoring.logit_bias or 0.0)
     probabilities = torch.sigmoid(logits) if scoring.activation == "sigmoid" else torch.softmax(logits, dim=1)
     top_scores, _ = scores.topk(k, dim=1)
@@ -112,3 +131,9 @@ def test_all_labels_ranked_beyond_the_kernel_top_k(similarity: CudaSimilarity) -
     probabilities = CLIP.probabilities(cosines(images.cpu().numpy(), labels))
     assert result.indices.shape == (4, 500)
     np.testing.assert_allclose(np.take_along_axis(probabilities, result.indices, 1), result.probabilities, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("rows", "count", "dim", "k"), [(256, 21_843, 768, 5), (65, 1000, 511, 10), (1, 10, 512, 10)])
+def test_without_label_residuals(single: CudaSimilarity, dtype: str, rows: int, count: int, dim: int, k: int) -> None:
+    check(single, rows, count, dim, k, dtype, rounded_labels=True)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float32
-from service.gpu.similarity import MAX_TOP_K, CudaSimilarity, LabelSet
+from service.gpu.similarity import MAX_TOP_K, CudaSimilarity, LabelSet, row_stride
 from service.kernels.build import build
 from service.similarity import Scoring, cosines, ranked
 from tests.service.kernels.host_kernels import HostMemoryDriver, HostRowKernel, nvcc_or_skip
@@ -90,6 +90,21 @@ def test_ranks_like_the_cpu_path(driver: HostMemoryDriver, fatbin: Path, dtype: 
     assert driver.launches[0][0] == kernel
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_without_label_residuals_labels_are_scored_as_rounded(
+    driver: HostMemoryDriver, fatbin: Path, dtype: str
+) -> None:
+    rng = np.random.default_rng(17)
+    images, labels = unit(rng, 4, 64), unit(rng, 200, 64)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, label_residuals=False)
+    result = similarity.rank(on_device(images, dtype), LabelSet("fast", labels), CLIP, 5)
+    order, probabilities, _ = expected(rounded(images, dtype), rounded(labels, dtype), CLIP, 5)
+    np.testing.assert_array_equal(result.indices, order)
+    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
+    assert driver.launches[0][0] == f"clipserve_cosines_{'f16' if dtype == 'float16' else 'bf16'}_single"
+    assert similarity.labels.bytes == 200 * 64 * 2  # one half-precision copy of the labels, no residuals
+
+
 def test_sigmoid_scoring(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(8)
     images, labels = unit(rng, 3, 32), unit(rng, 50, 32)
@@ -114,7 +129,7 @@ def test_more_labels_than_the_kernel_top_k_are_ranked_on_the_host(driver: HostMe
 def test_rows_are_scored_in_groups_within_the_workspace(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(10)
     images, labels = unit(rng, 10, 16), unit(rng, 40, 16)
-    similarity = CudaSimilarity(driver, fatbin=fatbin, workspace_bytes=3 * 40 * 4)  # three rows of cosines
+    similarity = CudaSimilarity(driver, fatbin=fatbin, workspace_bytes=3 * row_stride(40) * 4)  # three rows
     result = similarity.rank(on_device(images, "float32"), LabelSet("g", labels), CLIP, 3)
     gemms = [launch for launch in driver.launches if launch[0].startswith("clipserve_cosines")]
     assert [grid for _, grid, _ in gemms] == [(1, 1)] * 4  # rows 3 + 3 + 3 + 1
