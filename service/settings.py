@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         None, description="The similarity kernel's fatbin; unset: the one `make kernels` builds into the package."
     )
     gpu_label_cache_mb: float = Field(512.0, ge=0, description="Label matrices kept on the GPU, in MiB.")
+    gpu_label_residuals: bool = Field(
+        True,
+        description="fp16/bf16 embeddings are scored against the labels at about fp32 accuracy (rounded values plus "
+        "what the rounding lost); false: against the rounded labels alone, half the GEMM work.",
+    )
     preprocess_device: Literal["cpu", "cuda"] = Field(
         "cpu", description="Decode and resize images on the CPU (exact, the default) or on the GPU (nvJPEG)."
     )

@@ -367,7 +367,13 @@ class CudaSimilarity:
 
 
 def load_cuda_similarity(
-    mode: str, image_engine: object, *, fatbin: Path | None, label_cache_bytes: int, dim: int
+    mode: str,
+    image_engine: object,
+    *,
+    fatbin: Path | None,
+    label_cache_bytes: int,
+    dim: int,
+    label_residuals: bool = True,
 ) -> CudaSimilarity | None:
     """The CUDA similarity step for CLIPSERVE_SIMILARITY=`mode`, or None for the numpy path.
 
@@ -389,7 +395,9 @@ def load_cuda_similarity(
         log.info("similarity: numpy (%s returns host embeddings)", description)
         return None
     try:
-        similarity = CudaSimilarity(fatbin=fatbin or DEFAULT_FATBIN, label_cache_bytes=label_cache_bytes)
+        similarity = CudaSimilarity(
+            fatbin=fatbin or DEFAULT_FATBIN, label_cache_bytes=label_cache_bytes, label_residuals=label_residuals
+        )
         similarity.self_test(dim)
     except (CudaError, OSError, ValueError) as error:
         if mode == "cuda":
