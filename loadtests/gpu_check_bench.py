@@ -82,12 +82,15 @@ def kernel_section(config: Config, recorder: Recorder) -> None:
     from service.gpu.similarity import CudaSimilarity, LabelSet
 
     cuda = config.device == "cuda"
-    similarity = single = None
+    similarity = single = own_gemm = None
     if cuda:
         similarity = CudaSimilarity(fatbin=config.fatbin, label_cache_bytes=4 << 30)
-        # The same kernel scoring fp16/bf16 embeddings against the rounded labels alone: half the GEMM work, less
-        # parity with the CPU path. Measured beside the default so the trade-off is on record.
+        # Beside the default (GEMM: cuBLAS where it loads, with label residuals), so the trade-offs are on record:
+        # the rounded labels alone (half the GEMM work, less parity with the CPU path), and the kernel's own WMMA
+        # GEMM instead of cuBLAS.
         single = CudaSimilarity(fatbin=config.fatbin, label_cache_bytes=4 << 30, label_residuals=False)
+        own_gemm = CudaSimilarity(fatbin=config.fatbin, label_cache_bytes=4 << 30, gemm="kernel")
+        recorder.set("gemm", similarity.gemm)
     else:
         recorder.set("kernel_skipped", "no CUDA GPU here: the kernel's columns are not measured")
     recorder.set(
@@ -107,18 +110,18 @@ def kernel_section(config: Config, recorder: Recorder) -> None:
             label_set = LabelSet(f"gpu-check-{count}-{dim}", labels.cpu().numpy())
             for rows in config.batches:
                 for dtype in (config.dtype, *config.extra_dtypes.get((rows, count, dim), ())):
-                    row = _kernel_row(torch, config, (similarity, single), labels, label_set, rows, dtype)
+                    row = _kernel_row(torch, config, (similarity, single, own_gemm), labels, label_set, rows, dtype)
                     recorder.row("rows", row)
                     print(
                         f"    kernel B={rows} C={count} D={dim} {dtype}: kernel {_us(row.get('kernel_us'))}, "
                         f"torch {_us(row.get('torch_us'))}, numpy {_us(row.get('numpy_us'))}",
                         flush=True,
                     )
-            for engine in (similarity, single):
+            for engine in (similarity, single, own_gemm):
                 if engine is not None:
                     engine.labels.forget(label_set.key)  # the next label set gets the memory
             del labels
-    for engine in (similarity, single):
+    for engine in (similarity, single, own_gemm):
         if engine is not None:
             engine.close()
 
@@ -133,9 +136,9 @@ def _us(value: float | None) -> str:
 
 
 def _kernel_row(
-    torch: Any, config: Config, engines: tuple[Any, Any], labels: Any, label_set: Any, rows: int, dtype: str
+    torch: Any, config: Config, engines: tuple[Any, Any, Any], labels: Any, label_set: Any, rows: int, dtype: str
 ) -> dict[str, Any]:
-    similarity, single = engines
+    similarity, single, own_gemm = engines
     from service.gpu.device_array import DeviceArray
 
     count, dim = label_set.matrix.shape
@@ -172,6 +175,12 @@ def _kernel_row(
                 return single.rank(array, label_set, CLIP, k)
 
             measure(row, "kernel_single_us", partial(timed, single_path))
+        if own_gemm is not None and own_gemm.gemm != similarity.gemm:
+
+            def own_gemm_path() -> Any:
+                return own_gemm.rank(array, label_set, CLIP, k)
+
+            measure(row, "kernel_own_gemm_us", partial(timed, own_gemm_path))
     if rows * count <= config.numpy_max_scores:
         host_images = images.float().cpu().numpy()
         host_labels = label_set.matrix

@@ -256,14 +256,16 @@ def _kernel(section: dict[str, Any]) -> str:
         "`ranked`) on float32 host embeddings, only where B×C ≤ {cap}. *top-1 agree*: share of images whose most "
         "probable label is the same for the kernel and torch (a sanity check; fp16 near-ties may differ). "
         "*single µs*: the kernel scoring fp16/bf16 embeddings against the rounded labels alone "
-        "(`label_residuals=False`, half the GEMM work). *max |Δp|*: the largest difference from the numpy path's "
-        "probability of the same label, with and without the label residuals (issue 9 bound: 1e-5 fp32, 1e-3 "
-        "fp16/bf16).".format(
+        "(`label_residuals=False`, half the GEMM work). *own GEMM µs*: the default, but with the kernel's own "
+        "WMMA/FMA GEMM in place of cuBLAS (the default's GEMM: {gemm}). *max |Δp|*: the largest difference from "
+        "the numpy path's probability of the same label, with and without the label residuals (issue 9 bound: "
+        "1e-5 fp32, 1e-3 fp16/bf16).".format(
             k=method.get("k", "?"),
             reps=method.get("reps", "?"),
             warmup=method.get("warmup", "?"),
             profile_reps=method.get("profile_reps", "?"),
             cap=f"{method.get('numpy_max_scores', 0):,}",
+            gemm=section.get("gemm", "?"),
         ),
     ]
     if section.get("kernel_skipped"):
@@ -288,6 +290,7 @@ def _kernel(section: dict[str, Any]) -> str:
                 _number(r.get("numpy_us"), 0),
                 _number(r.get("top1_agreement"), 3),
                 _number(r.get("kernel_single_us")),
+                _number(r.get("kernel_own_gemm_us")),
                 _scientific(r.get("max_dp")),
                 _scientific(r.get("max_dp_single")),
                 f"◀ target ≥ {t['speedup']:g}×" if is_target else "",
@@ -311,12 +314,13 @@ def _kernel(section: dict[str, Any]) -> str:
                     "numpy µs",
                     "top-1 agree",
                     "single µs",
+                    "own GEMM µs",
                     "max |Δp|",
                     "max |Δp| single",
                     "",
                 ],
                 rows,
-                "rrrlrrrrrrrrrrrrl",
+                "rrrlrrrrrrrrrrrrrl",
             )
         )
     text.extend(_row_problems(section.get("rows", []), lambda r: f"B={r['B']} C={r['C']} D={r['D']} {r['dtype']}"))

@@ -87,6 +87,7 @@ class Pipeline:
             label_cache_bytes=int(settings.gpu_label_cache_mb * 1024 * 1024),
             dim=model.manifest.embed_dim,
             label_residuals=settings.gpu_label_residuals,
+            gemm=settings.gpu_gemm,
         )
         self.similarity_backend = "cuda" if self.cuda_similarity else "numpy"
         # GPU scoring calls serialise on the kernel's workspace anyway: one thread of their own keeps them from

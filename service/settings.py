@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         None, description="The similarity kernel's fatbin; unset: the one `make kernels` builds into the package."
     )
     gpu_label_cache_mb: float = Field(512.0, ge=0, description="Label matrices kept on the GPU, in MiB.")
+    gpu_gemm: Literal["auto", "cublas", "kernel"] = Field(
+        "auto",
+        description="The cosine GEMM before the fused softmax + top-k kernel: cuBLAS, the kernel's own tensor-core "
+        "GEMM, or auto: cuBLAS when libcublas loads.",
+    )
     gpu_label_residuals: bool = Field(
         True,
         description="fp16/bf16 embeddings are scored against the labels at about fp32 accuracy (rounded values plus "

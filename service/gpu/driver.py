@@ -129,6 +129,11 @@ class CudaDriver:
             return None
         return values[0] if len(values) == 1 else tuple(values)
 
+    @property
+    def stream_handle(self) -> int:
+        """The stream every copy and launch of this driver goes on (for libraries that take a cudaStream_t)."""
+        return int(self._stream)
+
     def make_current(self) -> None:
         """Bind the primary context to the calling thread (the batcher, the decode pool, ... each call this)."""
         self._check("cuCtxSetCurrent", self._cuda.cuCtxSetCurrent(self._context))

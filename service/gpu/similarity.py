@@ -21,8 +21,9 @@ from typing import Protocol
 
 import numpy as np
 
+from service.gpu.cublas import CublasGemm
 from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float32
-from service.gpu.driver import DeviceAllocation, Float32, Int32, KernelArgument, Pointer
+from service.gpu.driver import CudaError, DeviceAllocation, Float32, Int32, KernelArgument, Pointer
 from service.kernels import DEFAULT_FATBIN, ENTRY_POINTS
 from service.similarity import Scoring
 
@@ -50,6 +51,9 @@ class Driver(Protocol):
     """What this module needs of service.gpu.driver.CudaDriver (a host-memory fake in the tests)."""
 
     device: int
+
+    @property
+    def stream_handle(self) -> int: ...
 
     def make_current(self) -> None: ...
 
@@ -187,9 +191,13 @@ class CudaSimilarity:
         label_cache_bytes: int = 512 * 1024 * 1024,
         workspace_bytes: int = 64 * 1024 * 1024,
         label_residuals: bool = True,
+        gemm: str = "auto",
+        cublas_library: object = None,
     ) -> None:
         """`label_residuals` (fp16/bf16 embeddings only): score against the labels' rounded values plus what the
-        rounding lost (CPU-path parity, twice the GEMM work) rather than the rounded values alone."""
+        rounding lost (CPU-path parity, twice the GEMM work) rather than the rounded values alone.
+        `gemm`: "cublas" (cublasGemmEx), "kernel" (similarity.cu's WMMA/FMA GEMM), or "auto": cuBLAS when libcublas
+        loads. `cublas_library` replaces libcublas (tests)."""
         if driver is None:
             from service.gpu.driver import default_driver
 
@@ -209,6 +217,21 @@ class CudaSimilarity:
         self.workspace_bytes = workspace_bytes
         self._buffers = _Buffers(driver)
         self._lock = threading.Lock()
+        self._cublas = self._load_cublas(gemm, cublas_library)
+        self.gemm = "cublas" if self._cublas is not None else "kernel"
+
+    def _load_cublas(self, gemm: str, library: object) -> CublasGemm | None:
+        if gemm not in ("auto", "cublas", "kernel"):
+            raise ValueError(f"gemm must be auto, cublas or kernel, not {gemm!r}")
+        if gemm == "kernel":
+            return None
+        try:
+            return CublasGemm(self._driver.stream_handle, library)
+        except CudaError as error:  # GpuUnavailable included: no libcublas here
+            if gemm == "cublas":
+                raise
+            log.info("similarity GEMM: the kernel's own (cuBLAS unavailable: %s)", error)
+            return None
 
     def rank(self, images: DeviceArray, labels: LabelSet, scoring: Scoring, top_k: int | None) -> RankedScores:
         """Labels ranked per image; top_k None (or above MAX_TOP_K) ranks every label on the host."""
@@ -264,6 +287,13 @@ class CudaSimilarity:
         returns its address."""
         rows, dim, stride = len(images), images.shape[1], row_stride(count)
         cosines = self._buffers.get("cosines", workspace_rows(rows) * stride * 4)
+        if self._cublas is not None:
+            with_residuals = self.labels.residuals and images.dtype != "float32"
+            residuals = labels + count * dim * images.itemsize if with_residuals else 0
+            self._cublas.cosines(
+                images.pointer, labels, images.dtype, rows, count, dim, cosines, stride, residuals=residuals
+            )
+            return cosines
         self._driver.launch(
             _COSINE_KERNELS[images.dtype, self.labels.residuals],
             (-(-rows // IMAGE_TILE[images.dtype]), -(-count // LABEL_TILE)),  # image tiles on x (similarity.cu)
@@ -364,6 +394,8 @@ class CudaSimilarity:
         with self._lock:
             self.labels.clear()
             self._buffers.clear()
+            if self._cublas is not None:
+                self._cublas.close()
 
 
 def load_cuda_similarity(
@@ -374,6 +406,7 @@ def load_cuda_similarity(
     label_cache_bytes: int,
     dim: int,
     label_residuals: bool = True,
+    gemm: str = "auto",
 ) -> CudaSimilarity | None:
     """The CUDA similarity step for CLIPSERVE_SIMILARITY=`mode`, or None for the numpy path.
 
@@ -381,7 +414,6 @@ def load_cuda_similarity(
     passes a self-test; cuda insists (a clear EngineError otherwise); numpy never loads it.
     """
     from service.engines.base import EngineError
-    from service.gpu.driver import CudaError
 
     if mode == "numpy":
         return None
@@ -396,7 +428,10 @@ def load_cuda_similarity(
         return None
     try:
         similarity = CudaSimilarity(
-            fatbin=fatbin or DEFAULT_FATBIN, label_cache_bytes=label_cache_bytes, label_residuals=label_residuals
+            fatbin=fatbin or DEFAULT_FATBIN,
+            label_cache_bytes=label_cache_bytes,
+            label_residuals=label_residuals,
+            gemm=gemm,
         )
         similarity.self_test(dim)
     except (CudaError, OSError, ValueError) as error:
@@ -406,5 +441,5 @@ def load_cuda_similarity(
             ) from error
         log.warning("similarity: numpy, because the CUDA kernel is unusable: %s", error)
         return None
-    log.info("similarity: CUDA kernel on %s embeddings", description)
+    log.info("similarity: CUDA kernel (GEMM: %s) on %s embeddings", similarity.gemm, description)
     return similarity

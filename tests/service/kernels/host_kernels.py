@@ -221,6 +221,7 @@ class HostMemoryDriver:
         self.loaded: tuple[str, ...] = ()
 
     device = 0
+    stream_handle = 0
 
     def make_current(self) -> None:
         pass
@@ -282,3 +283,81 @@ class HostMemoryDriver:
             int(top_i),
             int(full),
         )
+
+
+class FakeCublas:
+    """libcublas at the GPU boundary: cublasGemmEx computed in numpy on host memory, by the BLAS definition
+    (column-major storage, C = alpha * op(A) @ op(B) + beta * C), so CublasGemm's transposes, leading dimensions
+    and the residual pass are checked against the documented semantics rather than against themselves."""
+
+    _DTYPES: ClassVar[dict[int, str]] = {0: "float32", 2: "float16", 14: "bfloat16"}
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, int | float]] = []
+        self.destroyed = 0
+
+    def cublasCreate_v2(self, handle: object) -> int:  # the C names
+        handle._obj.value = 0x1234  # type: ignore[attr-defined]  # ctypes.byref(c_void_p) from CublasGemm
+        return 0
+
+    def cublasSetStream_v2(self, handle: object, stream: object) -> int:
+        return 0
+
+    def cublasDestroy_v2(self, handle: object) -> int:
+        self.destroyed += 1
+        return 0
+
+    @staticmethod
+    def _value(argument: object) -> int:
+        return int(getattr(argument, "value", argument) or 0)
+
+    def _matrix(self, pointer: int, dtype_code: int, columns: int, rows: int, ld: int) -> np.ndarray:
+        """A column-major rows x columns matrix at `pointer` with leading dimension ld, as float32."""
+        dtype = self._DTYPES[dtype_code]
+        raw = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}[dtype]
+        memory = _view(pointer, (columns, ld), raw)[:, :rows]
+        values = memory.copy() if dtype == "float32" else widen_to_float32(memory.view(np.uint16), dtype)
+        return values.T  # row i, column j
+
+    def cublasGemmEx(
+        self,
+        handle,
+        transa,
+        transb,
+        m,
+        n,
+        k,
+        alpha,
+        a,
+        a_type,
+        lda,
+        b,
+        b_type,
+        ldb,
+        beta,
+        c,
+        c_type,
+        ldc,
+        compute,
+        algo,
+    ) -> int:  # type: ignore[no-untyped-def]
+        m, n, k = self._value(m), self._value(n), self._value(k)
+        lda, ldb, ldc = self._value(lda), self._value(ldb), self._value(ldc)
+        alpha_value, beta_value = alpha._obj.value, beta._obj.value  # ctypes.byref(c_float)
+        # op(A) is m x k: stored k x m when transposed, else m x k.
+        op_a = (
+            self._matrix(self._value(a), a_type, m, k, lda).T
+            if transa == 1
+            else self._matrix(self._value(a), a_type, k, m, lda)
+        )
+        op_b = (
+            self._matrix(self._value(b), b_type, k, n, ldb).T
+            if transb == 1
+            else self._matrix(self._value(b), b_type, n, k, ldb)
+        )
+        assert c_type == 0 and ldc >= m
+        stored = _view(self._value(c), (n, ldc), np.float32)  # column j of C is stored[j, :m]
+        result = alpha_value * (op_a @ op_b) + (beta_value * stored[:, :m].T if beta_value else 0.0)
+        stored[:, :m] = result.T
+        self.calls.append({"m": m, "n": n, "k": k, "beta": beta_value, "compute": int(compute)})
+        return 0

@@ -27,18 +27,22 @@ TIE = {"float32": 1e-6, "float16": 1e-5, "bfloat16": 1e-5}  # cosines this close
 
 
 @pytest.fixture(scope="module")
-def similarity(tmp_path_factory: pytest.TempPathFactory) -> CudaSimilarity:
-    fatbin = build(tmp_path_factory.mktemp("kernels") / "similarity.fatbin")
-    engine = CudaSimilarity(fatbin=fatbin)
+def fatbin(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    return build(tmp_path_factory.mktemp("kernels") / "similarity.fatbin")
+
+
+@pytest.fixture(scope="module", params=["cublas", "kernel"])
+def similarity(request: pytest.FixtureRequest, fatbin) -> CudaSimilarity:  # type: ignore[no-untyped-def]
+    """Both GEMMs in front of the row kernel: cuBLAS and the kernel's own WMMA/FMA one."""
+    engine = CudaSimilarity(fatbin=fatbin, gemm=request.param)
     yield engine
     engine.close()
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory: pytest.TempPathFactory) -> CudaSimilarity:
-    """The kernel without label residuals: fp16/bf16 labels scored as rounded."""
-    fatbin = build(tmp_path_factory.mktemp("kernels-single") / "similarity.fatbin")
-    engine = CudaSimilarity(fatbin=fatbin, label_residuals=False)
+@pytest.fixture(scope="module", params=["cublas", "kernel"])
+def single(request: pytest.FixtureRequest, fatbin) -> CudaSimilarity:  # type: ignore[no-untyped-def]
+    """Without label residuals: fp16/bf16 labels scored as rounded."""
+    engine = CudaSimilarity(fatbin=fatbin, gemm=request.param, label_residuals=False)
     yield engine
     engine.close()
 

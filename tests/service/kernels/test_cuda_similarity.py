@@ -17,7 +17,8 @@ from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float3
 from service.gpu.similarity import MAX_TOP_K, CudaSimilarity, LabelSet, row_stride
 from service.kernels.build import build
 from service.similarity import Scoring, cosines, ranked
-from tests.service.kernels.host_kernels import HostMemoryDriver, HostRowKernel, nvcc_or_skip
+from tests.gpu import cuda_available
+from tests.service.kernels.host_kernels import FakeCublas, HostMemoryDriver, HostRowKernel, nvcc_or_skip
 
 CLIP = Scoring(100.0, None, "softmax")
 SIGLIP = Scoring(117.3, -12.7, "sigmoid")
@@ -65,12 +66,17 @@ def expected(images: np.ndarray, labels: np.ndarray, scoring: Scoring, top_k: in
     return order, np.take_along_axis(probabilities, order, 1), np.take_along_axis(scores, order, 1)
 
 
+@pytest.mark.parametrize("gemm", ["kernel", "cublas"])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("top_k", [1, 5, 100, None])
-def test_ranks_like_the_cpu_path(driver: HostMemoryDriver, fatbin: Path, dtype: str, top_k: int | None) -> None:
+def test_ranks_like_the_cpu_path(
+    driver: HostMemoryDriver, fatbin: Path, gemm: str, dtype: str, top_k: int | None
+) -> None:
     rng = np.random.default_rng(7)
     images, labels = unit(rng, 5, 64), unit(rng, 300, 64)
-    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    cublas = FakeCublas()
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm=gemm, cublas_library=cublas)
+    assert similarity.gemm == gemm
     result = similarity.rank(on_device(images, dtype), LabelSet("animals", labels), CLIP, top_k)
     # The CPU path on the embeddings the engine produced (in `dtype`) and the fp32 label vectors: the kernel keeps
     # labels at about fp32 accuracy (rounded + residual halves), so parity holds for every input dtype.
@@ -82,6 +88,16 @@ def test_ranks_like_the_cpu_path(driver: HostMemoryDriver, fatbin: Path, dtype: 
     np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=tolerance)
     np.testing.assert_allclose(result.cosines, scores, rtol=0, atol=tolerance / 10)
     # Labels were uploaded in the image dtype: the label matrix is scored at the engine's precision.
+    if gemm == "cublas":
+        # fp16/bf16: the residual half first into a zeroed output, then the rounded half added (beta 1); fp32
+        # computes pedantically (no TF32) for CPU-path parity.
+        betas = [call["beta"] for call in cublas.calls]
+        assert betas == ([0.0] if dtype == "float32" else [0.0, 1.0])
+        assert {call["compute"] for call in cublas.calls} == {69 if dtype == "float32" else 68}
+        assert not any(name.startswith("clipserve_cosines") for name, _, _ in driver.launches)
+        similarity.close()
+        assert cublas.destroyed == 1
+        return
     kernel = {
         "float32": "clipserve_cosines_f32",
         "float16": "clipserve_cosines_f16",
@@ -96,7 +112,7 @@ def test_without_label_residuals_labels_are_scored_as_rounded(
 ) -> None:
     rng = np.random.default_rng(17)
     images, labels = unit(rng, 4, 64), unit(rng, 200, 64)
-    similarity = CudaSimilarity(driver, fatbin=fatbin, label_residuals=False)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel", label_residuals=False)
     result = similarity.rank(on_device(images, dtype), LabelSet("fast", labels), CLIP, 5)
     order, probabilities, _ = expected(rounded(images, dtype), rounded(labels, dtype), CLIP, 5)
     np.testing.assert_array_equal(result.indices, order)
@@ -108,7 +124,9 @@ def test_without_label_residuals_labels_are_scored_as_rounded(
 def test_sigmoid_scoring(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(8)
     images, labels = unit(rng, 3, 32), unit(rng, 50, 32)
-    result = CudaSimilarity(driver, fatbin=fatbin).rank(on_device(images, "float32"), LabelSet("s", labels), SIGLIP, 7)
+    result = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel").rank(
+        on_device(images, "float32"), LabelSet("s", labels), SIGLIP, 7
+    )
     order, probabilities, _ = expected(images, labels, SIGLIP, 7)
     np.testing.assert_array_equal(result.indices, order)
     np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
@@ -117,7 +135,7 @@ def test_sigmoid_scoring(driver: HostMemoryDriver, fatbin: Path) -> None:
 def test_more_labels_than_the_kernel_top_k_are_ranked_on_the_host(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(9)
     images, labels = unit(rng, 2, 32), unit(rng, MAX_TOP_K + 72, 32)
-    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel")
     for top_k in (MAX_TOP_K + 1, None):
         result = similarity.rank(on_device(images, "float32"), LabelSet("many", labels), CLIP, top_k)
         order, probabilities, scores = expected(images, labels, CLIP, top_k)
@@ -129,7 +147,9 @@ def test_more_labels_than_the_kernel_top_k_are_ranked_on_the_host(driver: HostMe
 def test_rows_are_scored_in_groups_within_the_workspace(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(10)
     images, labels = unit(rng, 10, 16), unit(rng, 40, 16)
-    similarity = CudaSimilarity(driver, fatbin=fatbin, workspace_bytes=3 * row_stride(40) * 4)  # three rows
+    similarity = CudaSimilarity(
+        driver, fatbin=fatbin, gemm="kernel", workspace_bytes=3 * row_stride(40) * 4
+    )  # three rows
     result = similarity.rank(on_device(images, "float32"), LabelSet("g", labels), CLIP, 3)
     gemms = [launch for launch in driver.launches if launch[0].startswith("clipserve_cosines")]
     assert [grid for _, grid, _ in gemms] == [(1, 1)] * 4  # rows 3 + 3 + 3 + 1
@@ -142,7 +162,7 @@ def test_label_matrices_stay_on_the_device_in_an_lru_bounded_in_bytes(driver: Ho
     rng = np.random.default_rng(11)
     images = on_device(unit(rng, 1, 16), "float32")
     sets = [LabelSet(f"set{i}", unit(rng, 10, 16)) for i in range(3)]  # 640 bytes each in fp32
-    similarity = CudaSimilarity(driver, fatbin=fatbin, label_cache_bytes=2 * 640)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel", label_cache_bytes=2 * 640)
     similarity.rank(images, sets[0], CLIP, 1)
     similarity.rank(images, sets[0], CLIP, 1)
     assert (similarity.labels.hits, similarity.labels.misses, driver.uploads) == (1, 1, 1)
@@ -160,14 +180,14 @@ def test_label_matrices_stay_on_the_device_in_an_lru_bounded_in_bytes(driver: Ho
 def test_a_label_set_larger_than_the_cache_is_still_scored(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(12)
     images, labels = unit(rng, 2, 16), unit(rng, 100, 16)
-    similarity = CudaSimilarity(driver, fatbin=fatbin, label_cache_bytes=10)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel", label_cache_bytes=10)
     result = similarity.rank(on_device(images, "float32"), LabelSet("big", labels), CLIP, 2)
     np.testing.assert_array_equal(result.indices, expected(images, labels, CLIP, 2)[0])
 
 
 def test_close_frees_every_device_allocation(driver: HostMemoryDriver, fatbin: Path) -> None:
     rng = np.random.default_rng(13)
-    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel")
     similarity.rank(on_device(unit(rng, 2, 16), "float16"), LabelSet("x", unit(rng, 20, 16)), CLIP, 2)
     assert driver.live
     similarity.close()
@@ -178,8 +198,21 @@ def test_mismatched_dimensions_and_a_missing_fatbin_are_clear_errors(
     driver: HostMemoryDriver, fatbin: Path, tmp_path: Path
 ) -> None:
     rng = np.random.default_rng(14)
-    similarity = CudaSimilarity(driver, fatbin=fatbin)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel")
     with pytest.raises(ValueError, match="16 dimensions, the labels 32"):
         similarity.rank(on_device(unit(rng, 1, 16), "float32"), LabelSet("x", unit(rng, 3, 32)), CLIP, 1)
     with pytest.raises(FileNotFoundError, match="make kernels"):
         CudaSimilarity(driver, fatbin=tmp_path / "missing.fatbin")
+
+
+def test_auto_takes_the_kernels_gemm_when_cublas_cannot_start(driver: HostMemoryDriver, fatbin: Path) -> None:
+    # Here libcublas loads (torch's wheels bring it) but finds no GPU: cublasCreate fails, auto falls back.
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="auto")
+    assert similarity.gemm == "kernel"
+    from service.gpu.driver import CudaError
+
+    if not cuda_available():
+        with pytest.raises(CudaError, match="cuBLAS"):
+            CudaSimilarity(driver, fatbin=fatbin, gemm="cublas")
+    with pytest.raises(ValueError, match="auto, cublas or kernel"):
+        CudaSimilarity(driver, fatbin=fatbin, gemm="tensor")
