@@ -35,6 +35,7 @@ ROW_THREADS = 512  # kRowThreads
 LABEL_TILE = 64
 IMAGE_TILE = {"float32": 64, "float16": 128, "bfloat16": 128}
 WORKSPACE_ROWS = 128  # the workspace holds whole image tiles of either size
+MAX_GRID_Y = 65_535  # CUDA's limit on a grid's y dimension, where the label tiles go
 _GEMM_THREADS = 256
 _COSINE_KERNELS = {
     ("float32", True): "clipserve_cosines_f32",
@@ -118,13 +119,18 @@ class DeviceLabelCache:
     """Label matrices on the device, least recently used first out, bounded in bytes."""
 
     def __init__(self, driver: Driver, capacity_bytes: int, *, residuals: bool = True) -> None:
-        self._driver, self.capacity_bytes, self.residuals = driver, capacity_bytes, residuals
+        self._driver, self.capacity_bytes, self._residuals = driver, capacity_bytes, residuals
         self._entries: OrderedDict[tuple[str, str], DeviceAllocation] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def residuals(self) -> bool:
+        """Whether fp16/bf16 entries hold residual halves ([2C, D]); fixed, since the GEMMs read the layout."""
+        return self._residuals
 
     def get(self, labels: LabelSet, dtype: str) -> DeviceAllocation:
         key = (labels.key, dtype)
@@ -134,7 +140,7 @@ class DeviceLabelCache:
             self.hits += 1
             return entry
         self.misses += 1
-        bits = _device_bits(labels.matrix, dtype, self.residuals)
+        bits = _device_bits(labels.matrix, dtype, self._residuals)
         entry = self._driver.allocate(bits.nbytes)
         self._driver.upload(entry.pointer, bits)
         self._entries[key] = entry
@@ -270,23 +276,26 @@ class CudaSimilarity:
         return RankedScores(out[2].view(np.int32).astype(np.int64), out[1].astype(np.float64), out[0].copy())
 
     def _group_rows(self, rows: int, count: int) -> int:
-        """Rows scored per launch pair: their cosines fit the workspace and, on a GPU, about half of L2, where
-        the row kernel's passes then find them (but at least one whole fp16 GEMM tile, which computes 128 rows
-        anyway); whole tiles where that leaves at least one."""
+        """Rows scored per launch pair, in whole tiles of 128: their cosines fit the workspace and, on a GPU, about
+        half of L2, where the row kernel's passes then find them."""
         row_bytes = row_stride(count) * 4
         budget = self.workspace_bytes
         if self._l2_bytes:
             budget = min(budget, max(self._l2_bytes // 2, WORKSPACE_ROWS * row_bytes))
-        group = budget // row_bytes
-        if group >= WORKSPACE_ROWS:
-            group -= group % WORKSPACE_ROWS
-        return max(1, min(rows, group))
+        # At least one whole tile of rows: the GEMM computes (and the workspace holds) 128 rows anyway, and every
+        # further group reads all the labels again.
+        group = max(WORKSPACE_ROWS, budget // row_bytes)
+        return min(rows, group - group % WORKSPACE_ROWS)
 
     def _cosines(self, images: DeviceArray, labels: int, count: int) -> int:
         """Launch the cosine GEMM for these rows into the workspace ([workspace_rows(rows), row_stride(count)]);
         returns its address."""
         rows, dim, stride = len(images), images.shape[1], row_stride(count)
         cosines = self._buffers.get("cosines", workspace_rows(rows) * stride * 4)
+        if self._cublas is None and -(-count // LABEL_TILE) > MAX_GRID_Y:
+            raise ValueError(
+                f"{count:,} labels: the kernel's own GEMM takes at most {MAX_GRID_Y * LABEL_TILE:,} (use cuBLAS)"
+            )
         if self._cublas is not None:
             with_residuals = self.labels.residuals and images.dtype != "float32"
             residuals = labels + count * dim * images.itemsize if with_residuals else 0

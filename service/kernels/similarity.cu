@@ -184,13 +184,18 @@ __device__ void cosines_wmma(const T* images, const T* labels, int rows, int cou
     __syncthreads();
   }
   // Straight to the workspace: its rows cover whole image tiles and its stride whole label tiles, so the full
-  // fragments fit; the stride (a multiple of 64 floats) keeps every fragment's address 32-byte aligned.
+  // fragments fit; the stride (a multiple of 64 floats) keeps every fragment's address 32-byte aligned. Fragments
+  // wholly past B or C are skipped (the condition is the same across the warp): with a few images, writing all
+  // 128 rows would multiply the stores many times over.
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      float* out = cosines + static_cast<size_t>(row0 + wm + 16 * i) * stride + (col0 + wn + 16 * j);
-      wmma::store_matrix_sync(out, acc[i][j], stride, wmma::mem_row_major);
+      const int r = row0 + wm + 16 * i, c = col0 + wn + 16 * j;
+      if (r < rows && c < count) {
+        float* out = cosines + static_cast<size_t>(r) * stride + c;
+        wmma::store_matrix_sync(out, acc[i][j], stride, wmma::mem_row_major);
+      }
     }
 }
 

@@ -183,9 +183,12 @@ class HostRowKernel:
 
 
 class HostAllocation:
+    """Host bytes posing as a cuMemAlloc allocation, aligned to 256 bytes as those are."""
+
     def __init__(self, driver: HostMemoryDriver, nbytes: int) -> None:
-        self.buffer = np.zeros(max(nbytes, 1), np.uint8)
-        self.pointer, self.nbytes = self.buffer.ctypes.data, nbytes
+        self.buffer = np.zeros(max(nbytes, 1) + 256, np.uint8)
+        offset = -self.buffer.ctypes.data % 256
+        self.pointer, self.nbytes = self.buffer.ctypes.data + offset, nbytes
         self._driver = driver
         driver.live[self.pointer] = self
 
@@ -226,6 +229,13 @@ class HostMemoryDriver:
     def make_current(self) -> None:
         pass
 
+    def room_at(self, pointer: int) -> int:
+        """Bytes from `pointer` to the end of the (fake) allocation holding it."""
+        for allocation in self.live.values():
+            if allocation.pointer <= pointer < allocation.pointer + max(allocation.nbytes, 1):
+                return allocation.pointer + allocation.nbytes - pointer
+        raise AssertionError(f"{pointer:#x} is in no device allocation")
+
     def l2_cache_bytes(self) -> int:
         return 0  # no L2 bound: the tests set the workspace bound themselves
 
@@ -253,6 +263,12 @@ class HostMemoryDriver:
             dtype, residuals, image_tile = self._GEMMS[name]
             assert stride >= count and stride % 64 == 0 and block == 256
             assert grid == (-(-rows // image_tile), -(-count // 64))  # image tiles on x
+            # The GEMM may store whole tiles: the workspace must hold them, 256-byte aligned (the WMMA stores
+            # need 32), and the label buffer must hold the layout the kernel reads.
+            tile_bytes = grid[0] * image_tile * stride * 4
+            assert self.room_at(out) >= tile_bytes and out % 256 == 0
+            assert self.room_at(labels) >= (2 if residuals else 1) * count * dim * (4 if dtype == "float32" else 2)
+            _view(out, (tile_bytes // 4,), np.float32)[:] = np.nan  # padding read by mistake would show
             raw = np.float32 if dtype == "float32" else (np.float16 if dtype == "float16" else np.uint16)
 
             def read(pointer: int, n: int) -> np.ndarray:
@@ -268,6 +284,9 @@ class HostMemoryDriver:
             return
         cosines, stride, rows, count, k, scale, bias, activation, top_c, top_p, top_i, full = arguments
         assert grid == (rows, 1) and block == 512 and int(stride) % 64 == 0
+        for output in (top_c, top_p, top_i):
+            assert self.room_at(int(output)) >= int(rows) * int(k) * 4
+        assert self.room_at(int(cosines)) >= int(rows) * int(stride) * 4
         self.rows.softmax_topk_at(
             int(cosines),
             int(stride),

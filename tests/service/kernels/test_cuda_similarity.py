@@ -144,18 +144,26 @@ def test_more_labels_than_the_kernel_top_k_are_ranked_on_the_host(driver: HostMe
         np.testing.assert_allclose(result.cosines, scores, rtol=0, atol=1e-6)
 
 
-def test_rows_are_scored_in_groups_within_the_workspace(driver: HostMemoryDriver, fatbin: Path) -> None:
+@pytest.mark.parametrize(("dtype", "grids"), [("float32", [(2, 1), (2, 1), (1, 1)]), ("float16", [(1, 1)] * 3)])
+def test_rows_are_scored_in_groups_within_the_workspace(
+    driver: HostMemoryDriver, fatbin: Path, dtype: str, grids: list[tuple[int, int]]
+) -> None:
+    # A workspace of one 128-row tile (the least a group gets): 300 images go as 128 + 128 + 44, each group a GEMM
+    # (64-image tiles in fp32, 128 in fp16) and a row pass, into one output block copied back once.
     rng = np.random.default_rng(10)
-    images, labels = unit(rng, 10, 16), unit(rng, 40, 16)
-    similarity = CudaSimilarity(
-        driver, fatbin=fatbin, gemm="kernel", workspace_bytes=3 * row_stride(40) * 4
-    )  # three rows
-    result = similarity.rank(on_device(images, "float32"), LabelSet("g", labels), CLIP, 3)
+    images, labels = unit(rng, 300, 16), unit(rng, 40, 16)
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel", workspace_bytes=128 * row_stride(40) * 4)
+    result = similarity.rank(on_device(images, dtype), LabelSet("g", labels), CLIP, 3)
     gemms = [launch for launch in driver.launches if launch[0].startswith("clipserve_cosines")]
-    assert [grid for _, grid, _ in gemms] == [(1, 1)] * 4  # rows 3 + 3 + 3 + 1
-    order, probabilities, _ = expected(images, labels, CLIP, 3)
+    assert [grid for _, grid, _ in gemms] == grids
+    assert [grid for name, grid, _ in driver.launches if name == "clipserve_softmax_topk"] == [
+        (128, 1),
+        (128, 1),
+        (44, 1),
+    ]
+    order, probabilities, _ = expected(rounded(images, dtype), labels, CLIP, 3)
     np.testing.assert_array_equal(result.indices, order)
-    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.probabilities, probabilities, rtol=0, atol=1e-4)
 
 
 def test_label_matrices_stay_on_the_device_in_an_lru_bounded_in_bytes(driver: HostMemoryDriver, fatbin: Path) -> None:
@@ -216,3 +224,12 @@ def test_auto_takes_the_kernels_gemm_when_cublas_cannot_start(driver: HostMemory
             CudaSimilarity(driver, fatbin=fatbin, gemm="cublas")
     with pytest.raises(ValueError, match="auto, cublas or kernel"):
         CudaSimilarity(driver, fatbin=fatbin, gemm="tensor")
+
+
+def test_label_sets_beyond_the_kernel_gemm_grid_are_a_clear_error(driver: HostMemoryDriver, fatbin: Path) -> None:
+    count = 65_535 * 64 + 1  # one label tile more than a grid's y dimension holds
+    labels = np.zeros((count, 1), np.float32)
+    labels[:, 0] = 1.0
+    similarity = CudaSimilarity(driver, fatbin=fatbin, gemm="kernel")
+    with pytest.raises(ValueError, match="at most 4,194,240"):
+        similarity.rank(on_device(np.ones((1, 1), np.float32), "float32"), LabelSet("huge", labels), CLIP, 1)
