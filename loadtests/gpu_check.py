@@ -31,13 +31,16 @@ from service.kernels import DEFAULT_FATBIN
 
 # Section -> (module, function, time limit in seconds on the GPU); imported in the section's own process.
 SECTIONS: dict[str, tuple[str, str, float]] = {
-    "kernel": ("loadtests.gpu_check_bench", "kernel_section", 150),
-    "engine": ("loadtests.gpu_check_bench", "engine_section", 100),
-    "preprocess": ("loadtests.gpu_check_bench", "preprocess_section", 90),
-    "serve": ("loadtests.gpu_check_serve", "serve_section", 150),
+    "kernel": ("loadtests.gpu_check_bench", "kernel_section", 110),
+    "engine": ("loadtests.gpu_check_bench", "engine_section", 75),
+    "preprocess": ("loadtests.gpu_check_bench", "preprocess_section", 45),
+    "serve": ("loadtests.gpu_check_serve", "serve_section", 100),
 }
-BUDGET_S = 450.0  # issue 9: under 8 minutes, with room for the report and the machine's slower moments
-TESTS_TIMEOUT_S = 200.0
+# issue 9: under 8 minutes. The step limits (tests, then the sections above) add up to about the budget, so a step
+# that uses all of its time does not starve the ones after it (the last, /classify end to end, is an acceptance
+# point too); each still gets no more than what is left.
+BUDGET_S = 450.0
+TESTS_TIMEOUT_S = 110.0
 RESERVE_S = 5.0  # kept back from every step for writing the report
 SITE = Path("/tmp/clipserve-site")
 

@@ -46,8 +46,8 @@ class Config:
     numpy_max_scores: int = 256 * 21_843  # B×C above this: the numpy path takes seconds per call, skipped
     warmup: int = 3
     reps: int = 20
-    rep_seconds: float = 0.25  # most time spent on one measurement once 3 reps are done
-    profile_reps: int = 10
+    rep_seconds: float = 0.15  # most time spent on one measurement once 3 reps are done
+    profile_reps: int = 5
     # (b) ViT-B-32 in the torch engine
     engine_arch: str = "ViT-B-32"
     engine_runs: tuple[EngineRun, ...] = (
@@ -65,8 +65,8 @@ class Config:
     )
     # (d) /classify end to end: (CLIPSERVE_SIMILARITY, concurrency levels)
     serve_runs: tuple[tuple[str, tuple[int, ...]], ...] = (("cuda", (1, 32, 128)), ("numpy", (32,)))
-    serve_seconds: float = 10.0
-    serve_warmup_seconds: float = 3.0
+    serve_seconds: float = 6.0
+    serve_warmup_seconds: float = 2.0
     serve_precision: str = "fp16"
     serve_max_batch: int = 64
 

@@ -9,6 +9,8 @@ value at that rank, within a tie tolerance (labels closer than that may swap pla
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -53,6 +55,15 @@ def unit_rows(torch, rows: int, dim: int, seed: int):  # type: ignore[no-untyped
     return torch.nn.functional.normalize(x, dim=1)
 
 
+@functools.cache
+def label_set(count: int, dim: int):  # type: ignore[no-untyped-def]
+    """Random unit label vectors on the GPU and as the LabelSet the kernel takes, made once per size (copying a
+    100,000 x 1,280 matrix to the host for every test would cost more than the test)."""
+    torch = pytest.importorskip("torch")
+    labels32 = unit_rows(torch, count, dim, seed=count * 13 + dim)
+    return labels32, LabelSet(f"gpu-test-{count}-{dim}", labels32.cpu().numpy())
+
+
 def check(
     similarity: CudaSimilarity,
     rows: int,
@@ -67,9 +78,8 @@ def check(
     torch = pytest.importorskip("torch")
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     images = unit_rows(torch, rows, dim, seed=rows * 7 + count).to(torch_dtype).contiguous()
-    labels32 = unit_rows(torch, count, dim, seed=count * 13 + dim)
+    labels32, labels = label_set(count, dim)
     torch.cuda.synchronize()  # the kernel runs on its own stream: the inputs must be complete
-    labels = LabelSet(f"gpu-test-{count}-{dim}", labels32.cpu().numpy())
     result = similarity.rank(DeviceArray.from_torch(images), labels, scoring, k)
 
     # The CPU path's inputs: the embeddings as the engine left them (in `dtype`) and the fp32 label vectors (or,
