@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import types
 
-import numpy as np
 import pytest
 
 from service.gpu import driver as gpu_driver
@@ -19,14 +18,14 @@ from tests.gpu import cuda_available
 
 def test_arguments_are_packed_at_the_kernel_signature_sizes() -> None:
     params, holders = pack_arguments([Pointer(0xDEADBEEF000), Int32(-7), Float32(2.5)])
-    assert params.dtype == np.uint64 and len(params) == 3
+    assert len(params) == 3 and ctypes.sizeof(params) == 3 * 8  # void*[3]
     values = [
-        ctypes.c_uint64.from_address(int(params[0])).value,
-        ctypes.c_int32.from_address(int(params[1])).value,
-        ctypes.c_float.from_address(int(params[2])).value,
+        ctypes.c_uint64.from_address(params[0]).value,
+        ctypes.c_int32.from_address(params[1]).value,
+        ctypes.c_float.from_address(params[2]).value,
     ]
     assert values == [0xDEADBEEF000, -7, 2.5]
-    assert [holder.itemsize for holder in holders] == [8, 4, 4]
+    assert [ctypes.sizeof(holder) for holder in holders] == [8, 4, 4]
     with pytest.raises(TypeError, match="Pointer, Int32 or Float32"):
         pack_arguments([3])  # type: ignore[list-item]
 
