@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from models.extras import needs_extras
+
 REPOSITORY_ENV = "CLIPSERVE_MODEL_REPOSITORY"  # the same variable the service reads
 DEFAULT_REPOSITORY = Path("model-repository")
 DEMO_NAME = "clipserve-demo"
@@ -35,6 +37,7 @@ def _echo(message: str) -> None:
     typer.echo(f"[{time.strftime('%H:%M:%S')}] {message}", err=True)
 
 
+@needs_extras("export", "cpu", "export")
 def export_command(
     model: str | None = typer.Option(None, "--model", help="open_clip architecture, e.g. ViT-B-32."),
     pretrained: str | None = typer.Option(

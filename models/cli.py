@@ -12,10 +12,12 @@ from pathlib import Path
 import typer
 
 from models.demo.config import ARTIFACTS_DIR
+from models.extras import needs_extras
 
 REPORT_PATH = Path(__file__).parent / "demo" / "REPORT.md"
 
 
+@needs_extras("train-demo", "cpu", "export")
 def train_demo(
     seed: int = typer.Option(0, help="Seed for rendering, initialisation and batch order."),
     steps: int = typer.Option(2000, help="Optimizer steps (batch 128)."),
@@ -30,6 +32,7 @@ def train_demo(
     typer.echo(f"trained in {training['total_seconds']:.0f} s; final {training['final']}; written to {output}")
 
 
+@needs_extras("eval-demo", "cpu", "export")
 def eval_demo(
     images_per_task: int = typer.Option(1000, help="Freshly rendered images per task and distribution."),
     report: Path = typer.Option(REPORT_PATH, help="Markdown report to write."),
