@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import entry_points
+from typing import Any
 
 import typer
 
@@ -23,11 +24,31 @@ def serve(
 ) -> None:
     """Start the HTTP service (settings from CLIPSERVE_* environment variables; see the README)."""
     import uvicorn
+    from pydantic import ValidationError
 
     from service.settings import Settings
 
-    settings = Settings()  # one place reads the environment; the options only override where to listen
-    uvicorn.run("service.app:create_app", factory=True, host=host or settings.host, port=port or settings.port)
+    try:
+        settings = Settings()  # one place reads the environment; the options only override where to listen
+    except ValidationError as error:
+        typer.echo(f"clipserve serve: invalid settings:\n{settings_problems(error)}", err=True)
+        raise typer.Exit(2) from None
+    # `is None`, not `or`: --port 0 asks for any free port and must reach uvicorn.
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=settings.host if host is None else host,
+        port=settings.port if port is None else port,
+    )
+
+
+def settings_problems(error: Any) -> str:
+    """A pydantic ValidationError of Settings as one line per variable: `CLIPSERVE_PORT: ...`."""
+    lines = []
+    for problem in error.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        lines.append(f"  CLIPSERVE_{field.upper()}={problem.get('input')!r}: {problem['msg']}")
+    return "\n".join(lines)
 
 
 def _register_plugins() -> None:

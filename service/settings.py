@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.templates import PRESETS
+
 EngineKind = Literal["onnxruntime", "tensorrt", "torch"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
@@ -109,6 +111,14 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted API keys (comma-separated); empty: no authentication."
     )
     playground: bool = Field(False, description="Serve a small HTML page at / for trying the API.")
+
+    @field_validator("default_templates")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        # Checked here, at startup: otherwise the first request without templates would get a 422 for it.
+        if value not in PRESETS:
+            raise ValueError(f"unknown template preset {value!r}; presets: {', '.join(PRESETS)}")
+        return value
 
     @field_validator("api_keys", "onnx_providers", mode="before")
     @classmethod
