@@ -21,6 +21,7 @@ import onnxruntime as ort
 import torch
 
 from models.manifest import ParityCheck
+from models.templates import ensemble
 
 BATCH_SIZES = (1, 7, 64)
 Encoder = Callable[[np.ndarray], np.ndarray]
@@ -103,9 +104,7 @@ class ZeroShotTask:
     labels: int
 
     def predictions(self, encode_images: Encoder, encode_texts: Encoder) -> np.ndarray:
-        texts = encode_texts(self.prompt_ids)
-        classes = texts.reshape(self.labels, -1, texts.shape[1]).mean(axis=1)
-        classes /= np.linalg.norm(classes, axis=1, keepdims=True)
+        classes = ensemble(encode_texts(self.prompt_ids), self.labels)
         return (encode_images(self.pixels) @ classes.T).argmax(axis=1)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 MAX_TEMPLATES = 256
 MAX_TEMPLATE_LENGTH = 300
 
@@ -155,3 +157,13 @@ def resolve_templates(templates: str | Sequence[str] | None) -> tuple[str, ...]:
 
 def apply_templates(templates: Sequence[str], label: str) -> list[str]:
     return [template.format(label) for template in templates]
+
+
+def ensemble(embeddings: np.ndarray, labels: int) -> np.ndarray:
+    """[labels * T, D] prompt embeddings, label-major (each label's T templates together, as `apply_templates`
+    lists them) -> [labels, D]: per label the L2-renormalised mean of its template embeddings (the paper's
+    prompt ensemble). The one recipe for a label vector: the label cache, the demo evaluation and the export
+    parity gate all use it."""
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    means = embeddings.reshape(labels, -1, embeddings.shape[-1]).mean(axis=1)
+    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)

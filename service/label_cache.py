@@ -29,7 +29,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from models.templates import apply_templates
+from models.templates import apply_templates, ensemble
 from service.metrics import Metrics
 
 log = logging.getLogger("clipserve.label_cache")
@@ -229,9 +229,7 @@ class LabelCache:
         embeddings = np.asarray(await self._encode(prompts), dtype=np.float32)
         if embeddings.shape != (len(prompts), self.dim):
             raise ValueError(f"encode returned shape {embeddings.shape}, expected {(len(prompts), self.dim)}")
-        means = embeddings.reshape(len(labels), len(templates), self.dim).mean(axis=1)
-        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
-        return [self._frozen(row) for row in means]
+        return [self._frozen(row) for row in ensemble(embeddings, len(labels))]
 
     def _frozen(self, vector: np.ndarray) -> np.ndarray:
         # Shared by every caller through the LRU: read-only so no caller can corrupt another's answer.

@@ -17,7 +17,7 @@ import numpy as np
 from models.demo import shapes
 from models.demo.config import PREPROCESS
 from models.preprocess import ImageTransform, PreprocessConfig
-from models.templates import PRESETS, apply_templates
+from models.templates import PRESETS, apply_templates, ensemble
 
 EncodeImages = Callable[[np.ndarray], np.ndarray]  # [B,3,H,W] float32 -> [B,D] normalised
 EncodeTexts = Callable[[list[str]], np.ndarray]  # texts -> [B,D] normalised
@@ -67,8 +67,7 @@ TASKS = (
 def label_matrix(encode_texts: EncodeTexts, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
     """[C, D]: per label the renormalised mean of its template embeddings (the paper's ensemble)."""
     texts = [text for label in labels for text in apply_templates(templates, label)]
-    embeddings = encode_texts(texts).reshape(len(labels), len(templates), -1).mean(axis=1)
-    return embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return ensemble(encode_texts(texts), len(labels))
 
 
 def render_set(

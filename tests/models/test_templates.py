@@ -62,3 +62,16 @@ def test_unknown_preset_names_the_presets():
 
 def test_apply_templates_fills_the_label():
     assert apply_templates(SIMPLE_7, "red circle")[0] == "itap of a red circle."
+
+
+def test_ensemble_is_the_renormalised_mean_per_label():
+    import numpy as np
+
+    from models.templates import ensemble
+
+    # Two labels x two templates, label-major; the second label's templates cancel to a near-zero mean.
+    embeddings = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-0.6, -0.79]], np.float32)
+    vectors = ensemble(embeddings, 2)
+    np.testing.assert_allclose(vectors[0], [2**-0.5, 2**-0.5], rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    assert vectors.dtype == np.float32
