@@ -43,10 +43,30 @@ def unit_rows(torch: Any, rows: int, dim: int, seed: int, device: str) -> Any:
 KERNEL_PREFIX = "clipserve_"  # every entry point of service/kernels/similarity.cu
 
 
+def split_kernel_events(events: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Chrome-trace kernel events -> (our path's, torch's).
+
+    Our path is more than the clipserve_ kernels: its GEMM is cuBLAS's by default (names like nvjet_* or
+    sm90_xmma_*, as torch's own matmul), launched on the driver's stream. So every kernel on a stream that ran a
+    clipserve_ kernel is ours, the rest torch's (its current stream); by name only where the trace has no stream.
+    """
+    kernels = [event for event in events if event.get("cat") == "kernel"]
+
+    def stream(event: dict[str, Any]) -> Any:
+        return (event.get("args") or {}).get("stream")
+
+    named = [event for event in kernels if str(event.get("name", "")).startswith(KERNEL_PREFIX)]
+    streams = {stream(event) for event in named}
+    if named and None not in streams:
+        ours = [event for event in kernels if stream(event) in streams]
+        return ours, [event for event in kernels if stream(event) not in streams]
+    return named, [event for event in kernels if not str(event.get("name", "")).startswith(KERNEL_PREFIX)]
+
+
 def device_kernel_us(kernel_path: Callable[[], Any], torch_path: Callable[[], Any], reps: int) -> dict[str, Any]:
     """GPU time per call of the kernels each path launches (copies excluded), from one profiler trace of `reps`
     calls of each. One trace, not two, halves the profiler's own start-up cost; the paths' kernels are told
-    apart by name (ours start with clipserve_, torch launches none such)."""
+    apart by stream (split_kernel_events)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -60,14 +80,13 @@ def device_kernel_us(kernel_path: Callable[[], Any], torch_path: Callable[[], An
         trace = Path(directory) / "trace.json"
         profiler.export_chrome_trace(str(trace))
         events = json.loads(trace.read_text()).get("traceEvents", [])
-    kernels = [event for event in events if event.get("cat") == "kernel"]
-    ours = [event for event in kernels if str(event.get("name", "")).startswith(KERNEL_PREFIX)]
-    theirs = [event for event in kernels if not str(event.get("name", "")).startswith(KERNEL_PREFIX)]
+    ours, theirs = split_kernel_events(events)
     if not ours or not theirs:
-        raise RuntimeError(f"the profiler recorded {len(ours)} clipserve and {len(theirs)} torch kernels")
+        raise RuntimeError(f"the profiler recorded {len(ours)} kernels of our path and {len(theirs)} of torch's")
     return {
         "kernel_device_us": sum(float(event.get("dur", 0)) for event in ours) / reps,
         "torch_device_us": sum(float(event.get("dur", 0)) for event in theirs) / reps,
+        "kernel_kernels": sorted({str(event.get("name", ""))[:60] for event in ours}),
         "torch_kernels": sorted({str(event.get("name", ""))[:60] for event in theirs}),
     }
 
@@ -324,6 +343,7 @@ def preprocess_section(config: Config, recorder: Recorder) -> None:
         raise SectionSkipped("loadtests.preprocess_parity has no measure() yet")
     arguments = dict(config.preprocess)
     recorder.set("arguments", {**arguments, "device": config.device})
-    rows = preprocess_parity.measure(config.device, **arguments)
+    # Rows recorded as they finish: a section killed at its time limit keeps those (set below replaces them whole).
+    rows = preprocess_parity.measure(config.device, on_row=partial(recorder.row, "rows"), **arguments)
     recorder.set("rows", rows)
     recorder.set("table", preprocess_parity.markdown_table(rows))

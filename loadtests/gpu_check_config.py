@@ -61,7 +61,7 @@ class Config:
     peak_tflops: float = BF16_PEAK_TFLOPS
     # (c) preprocessing, loadtests.preprocess_parity.measure's arguments
     preprocess: dict[str, Any] = field(
-        default_factory=lambda: {"photos": 8, "probes": 32, "sizes": (0, 224), "batch": 64, "seconds": 0.4}
+        default_factory=lambda: {"photos": 8, "probes": 32, "sizes": (0, 224), "batch": 64, "seconds": 0.3}
     )
     # (d) /classify end to end: (CLIPSERVE_SIMILARITY, concurrency levels)
     serve_runs: tuple[tuple[str, tuple[int, ...]], ...] = (("cuda", (1, 32, 128)), ("numpy", (32,)))

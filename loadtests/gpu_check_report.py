@@ -392,6 +392,10 @@ def _preprocess(section: dict[str, Any]) -> str:
         )
     if section.get("table"):
         text.append(section["table"])
+    elif section.get("rows"):  # killed before it wrote its table: the rows it finished
+        from loadtests.preprocess_parity import markdown_table as preprocess_table
+
+        text.append(preprocess_table(section["rows"]))
     return "\n\n".join(text)
 
 

@@ -287,6 +287,10 @@ def pytest_command(files: Sequence[Path], junit: Path, per_test_timeout: int) ->
         "gpu",
         "-p",
         "no:cacheprovider",
+        # No gpu test is async, and a pytest-asyncio wheel that does not fit the machine's pytest would fail the
+        # whole run at start-up; without it, pyproject's asyncio_* options only warn.
+        "-p",
+        "no:asyncio",
         "-q",
         "-o",
         f"timeout={per_test_timeout}",

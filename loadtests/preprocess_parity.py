@@ -161,12 +161,14 @@ def measure(
     batch: int = 64,
     seconds: float = 1.0,
     cpu_threads: int = 1,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (image set, input size); size 0 means the demo model's own (embedding cosines only there).
 
     On device "cpu" torch runs `cpu_threads` intra-op threads: one matches one decode-pool worker, and torch's
     thread pool on a small, busy machine turns its many small ops into scheduler waits (40 ms an image
-    instead of 3 on two shared cores).
+    instead of 3 on two shared cores). `on_row` gets each row as it is finished (a caller with a time limit keeps
+    the rows done before it).
     """
     if device == "cpu":
         import torch
@@ -219,6 +221,8 @@ def measure(
                     "device_batched_images_s": images_per_second(batched, len(blobs), seconds),
                 }
             )
+            if on_row is not None:
+                on_row(rows[-1])
     return rows
 
 

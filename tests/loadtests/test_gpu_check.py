@@ -414,6 +414,46 @@ def test_a_failed_measurement_leaves_the_row_standing() -> None:
     assert row["errors"] == {"kernel_us": "ZeroDivisionError: division by zero"}
 
 
+def test_profiled_kernels_are_told_apart_by_stream_so_our_cublas_gemm_counts_as_ours() -> None:
+    from loadtests.gpu_check_bench import split_kernel_events
+
+    def kernel(name: str, stream: int | None) -> dict[str, Any]:
+        return {"cat": "kernel", "name": name, "dur": 1.0, "args": {} if stream is None else {"stream": stream}}
+
+    events = [
+        kernel("nvjet_tst_128x64", 13),  # cuBLAS on the driver's stream: ours
+        kernel("clipserve_softmax_topk", 13),
+        kernel("nvjet_tst_128x64", 7),  # torch's matmul
+        kernel("softmax_warp_forward", 7),
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH", "dur": 9.0, "args": {"stream": 13}},
+    ]
+    ours, theirs = split_kernel_events(events)
+    assert [e["name"] for e in ours] == ["nvjet_tst_128x64", "clipserve_softmax_topk"]
+    assert [e["name"] for e in theirs] == ["nvjet_tst_128x64", "softmax_warp_forward"]
+    # Without streams in the trace: by name, as before.
+    ours, theirs = split_kernel_events([kernel("clipserve_softmax_topk", None), kernel("gemm", None)])
+    assert ([e["name"] for e in ours], [e["name"] for e in theirs]) == (["clipserve_softmax_topk"], ["gemm"])
+
+
+def test_preprocess_rows_of_a_killed_section_still_make_its_table() -> None:
+    row = {
+        "set": "photo 640×480 JPEG q90",
+        "images": 8,
+        "size": 224,
+        "device_decoded": 8,
+        "fallbacks": 0,
+        "max_levels": 1.0,
+        "mean_levels": 0.01,
+        "differing": 0.02,
+        "min_cosine": None,
+        "cpu_images_s": 300.0,
+        "device_images_s": 2000.0,
+        "device_batched_images_s": 5000.0,
+    }
+    report = render({"sections": {"preprocess": {"status": "error", "error": "killed", "rows": [row]}}})
+    assert "| photo 640×480 JPEG q90 | 8 | 224 |" in report
+
+
 def test_a_hung_child_is_killed_at_its_limit() -> None:
     command = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
     finished = gpu_check_setup.run_streaming(command, timeout=2)

@@ -26,6 +26,10 @@ CLIP = Scoring(100.0, None, "softmax")
 SIGLIP = Scoring(117.3, -12.7, "sigmoid")
 TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-3}  # probabilities, absolute (issue 9)
 TIE = {"float32": 1e-6, "float16": 1e-5, "bfloat16": 1e-5}  # cosines this close may swap ranks
+# Every dtype's copy of the largest label sets at once (100,000 x 1,280 is 512 MB in each): with the default 512 MiB
+# the grid, whose dtype varies fastest, would evict and re-upload a 100,000-label set on every test, and the host-side
+# fp16/bf16 residual conversion of one costs seconds.
+LABEL_CACHE_BYTES = 4 << 30
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,7 @@ def fatbin(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped
 @pytest.fixture(scope="module", params=["cublas", "kernel"])
 def similarity(request: pytest.FixtureRequest, fatbin) -> CudaSimilarity:  # type: ignore[no-untyped-def]
     """Both GEMMs in front of the row kernel: cuBLAS and the kernel's own WMMA/FMA one."""
-    engine = CudaSimilarity(fatbin=fatbin, gemm=request.param)
+    engine = CudaSimilarity(fatbin=fatbin, gemm=request.param, label_cache_bytes=LABEL_CACHE_BYTES)
     yield engine
     engine.close()
 
@@ -44,7 +48,9 @@ def similarity(request: pytest.FixtureRequest, fatbin) -> CudaSimilarity:  # typ
 @pytest.fixture(scope="module", params=["cublas", "kernel"])
 def single(request: pytest.FixtureRequest, fatbin) -> CudaSimilarity:  # type: ignore[no-untyped-def]
     """Without label residuals: fp16/bf16 labels scored as rounded."""
-    engine = CudaSimilarity(fatbin=fatbin, gemm=request.param, label_residuals=False)
+    engine = CudaSimilarity(
+        fatbin=fatbin, gemm=request.param, label_residuals=False, label_cache_bytes=LABEL_CACHE_BYTES
+    )
     yield engine
     engine.close()
 
