@@ -32,7 +32,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,12 +40,12 @@ from PIL import Image
 from models.preprocess import ImageTransform, PreprocessConfig, _centre_crop_box, _resized_size
 from service import images
 
-if TYPE_CHECKING:
-    import torch
-
 log = logging.getLogger("clipserve.preprocess")
 
 Preprocess = Callable[[bytes, str], np.ndarray]
+# A Tensor. Not imported even for type checking: the serving path names no torch import outside the modules
+# that load it on demand (tests/test_torch_free.py and the project's checks look for one).
+Tensor = Any
 
 _END_OF_IMAGE = b"\xff\xd9"
 _ORIENTATION_TAG = 0x0112
@@ -138,7 +138,7 @@ class DevicePreprocessor:
         self._lock = threading.Lock()
         self._fallbacks: Counter[str] = Counter()
         self._device_decoded = 0
-        self._mean_std: dict[PreprocessConfig, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mean_std: dict[PreprocessConfig, tuple[Tensor, Tensor]] = {}
         self._self_check()
 
     # --- public ------------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ class DevicePreprocessor:
         with self._torch.inference_mode():
             on_device = [i for i, plan in enumerate(plans) if isinstance(plan, int)]
             decoded = {on_device[j]: pixels for j, pixels in self._decode([blobs[i] for i in on_device]).items()}
-            crops: list[torch.Tensor | np.ndarray] = []
+            crops: list[Tensor | np.ndarray] = []
             for i, (data, param, plan) in enumerate(zip(blobs, params, plans, strict=True)):
                 pixels = decoded.get(i)
                 if pixels is None:
@@ -208,7 +208,7 @@ class DevicePreprocessor:
                     crops.append(self._geometry(pixels, int(plan), config))
             return self._normalise(crops, config)
 
-    def _decode(self, blobs: list[bytes]) -> dict[int, torch.Tensor]:
+    def _decode(self, blobs: list[bytes]) -> dict[int, Tensor]:
         """Index -> uint8 [3, H, W] on the device, for the blobs the decoder took."""
         if not blobs:
             return {}
@@ -228,7 +228,7 @@ class DevicePreprocessor:
             self._device_decoded += len(results)
         return results
 
-    def _geometry(self, pixels: torch.Tensor, orientation: int, config: PreprocessConfig) -> torch.Tensor:
+    def _geometry(self, pixels: Tensor, orientation: int, config: PreprocessConfig) -> Tensor:
         """uint8 [3, H, W] -> float32 [3, S, S] holding 8-bit values: models.preprocess.resize_and_crop's steps."""
         image = _transpose(pixels, orientation)
         size = config.image_size
@@ -240,7 +240,7 @@ class DevicePreprocessor:
         left, top, right, bottom = _centre_crop_box(resized_width, resized_height, size)
         return resized[0, :, top:bottom, left:right]
 
-    def _resize(self, image: torch.Tensor, width: int, height: int, config: PreprocessConfig) -> torch.Tensor:
+    def _resize(self, image: Tensor, width: int, height: int, config: PreprocessConfig) -> Tensor:
         """uint8 [C, H, W] -> float32 [1, C, height, width] holding 8-bit values, as Pillow's `Image.resize`."""
         batch = image.unsqueeze(0).float()
         in_height, in_width = batch.shape[-2:]
@@ -258,7 +258,7 @@ class DevicePreprocessor:
                 batch = self._interpolate(batch, size=size, mode=mode, antialias=True).round_().clamp_(0, 255)
         return batch
 
-    def _nearest_indices(self, size_in: int, size_out: int) -> torch.Tensor:
+    def _nearest_indices(self, size_in: int, size_out: int) -> Tensor:
         # Pillow's nearest resize (ImagingScaleAffine) walks the source by adding in/out to a double once per
         # output pixel; the same running sum in float64 picks the same pixels where torch's nearest-exact,
         # computing each position afresh, lands on the other side of an exact boundary.
@@ -267,7 +267,7 @@ class DevicePreprocessor:
         indices = np.clip(positions.astype(np.int64), 0, size_in - 1)
         return self._torch.from_numpy(indices).to(self.device)
 
-    def _normalise(self, crops: list[torch.Tensor | np.ndarray], config: PreprocessConfig) -> np.ndarray:
+    def _normalise(self, crops: list[Tensor | np.ndarray], config: PreprocessConfig) -> np.ndarray:
         """8-bit-valued crops and CPU-path results -> one float32 [N, 3, S, S] host array."""
         out = np.empty((len(crops), 3, config.image_size, config.image_size), np.float32)
         device_rows = [i for i, crop in enumerate(crops) if not isinstance(crop, np.ndarray)]
@@ -282,7 +282,7 @@ class DevicePreprocessor:
                 out[i] = crop
         return out
 
-    def _mean_std_for(self, config: PreprocessConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mean_std_for(self, config: PreprocessConfig) -> tuple[Tensor, Tensor]:
         cached = self._mean_std.get(config)
         if cached is None:
             as_tensor = functools.partial(self._torch.tensor, dtype=self._torch.float32, device=self.device)
@@ -314,7 +314,7 @@ class DevicePreprocessor:
             raise RuntimeError(f"torchvision decoded a 16x16 JPEG on {self.device} as {tuple(decoded.shape)}")
 
 
-def _transpose(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+def _transpose(pixels: Tensor, orientation: int) -> Tensor:
     """ImageOps.exif_transpose's transposition of a [C, H, W] tensor (Pillow's names in the comments)."""
     match orientation:
         case 2:  # FLIP_LEFT_RIGHT
