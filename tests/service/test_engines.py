@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import itertools
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from service.engines.factory import EnginePair, build_engines, warm_up
 from service.engines.onnxruntime import PROVIDER_PREFERENCE, OnnxRuntimeEngine, choose_providers
 from service.engines.tensorrt import TensorRTEngine, select_build
 from service.settings import Settings
+from tests.service.fake_tensorrt import EMBED_DIM, FakeDeviceMemory, fake_embed, make_fake_tensorrt, write_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_DIR = REPOSITORY_DIR / EXPORT_NAME
@@ -331,141 +331,7 @@ def test_torch_without_known_weights_asks_for_clipserve_torch_model(torch_engine
 
 
 # --------------------------------------------------------------------------------------------- TensorRT
-# faked: TensorRT cannot be installed on this machine. The fake module mimics the slice of TensorRT 10's
-# Python runtime API that TensorRTEngine uses; FakeDeviceMemory stands in for GPU buffers behind the
-# DeviceMemory seam. A real run needs an NVIDIA GPU with the plans built on it.
-
-EMBED_DIM = 64
-FAKE_PLAN = b"fake-plan"
-TRT_TYPES = {"FLOAT": np.float32, "INT64": np.int64, "INT32": np.int32}
-
-
-class FakeDeviceMemory:
-    """faked: no GPU here. Byte buffers addressed by integer 'pointers', with the real class's grow-only slots."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, bytearray] = {}
-        self.slots: dict[str, int] = {}
-        self.stream_handle = 1234
-        self.closed = False
-        self._addresses = itertools.count(0x1000, 0x1000)
-
-    def buffer(self, slot: str, nbytes: int) -> int:
-        address = self.slots.get(slot)
-        if address is None or len(self.buffers[address]) < nbytes:
-            self.buffers.pop(address, None)  # type: ignore[arg-type]
-            address = next(self._addresses)
-            self.buffers[address] = bytearray(b"\xff" * nbytes)  # garbage, as cudaMalloc gives
-            self.slots[slot] = address
-        return address
-
-    def copy_in(self, address: int, array: np.ndarray) -> None:
-        data = np.ascontiguousarray(array).tobytes()
-        self.buffers[address][: len(data)] = data
-
-    def copy_out(self, address: int, out: np.ndarray) -> None:
-        out[...] = np.frombuffer(bytes(self.buffers[address][: out.nbytes]), out.dtype).reshape(out.shape)
-
-    def view(self, address: int, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
-        """What the fake 'GPU' sees at `address`: a writable array over the buffer's bytes."""
-        count = int(np.prod(shape))
-        return np.frombuffer(self.buffers[address], dtype, count).reshape(shape)
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def fake_embed(inputs: np.ndarray) -> np.ndarray:
-    """What the fake 'GPU' computes: deterministic unit rows of the input's first features."""
-    flat = inputs.reshape(len(inputs), -1).astype(np.float64)
-    features = np.tile(flat, (1, -(-EMBED_DIM // flat.shape[1])))[:, :EMBED_DIM] + 1.0
-    return unit_rows(features).astype(np.float32)
-
-
-class FakeContext:
-    def __init__(self, engine: FakeCudaEngine) -> None:
-        self.engine = engine
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-        self.addresses: dict[str, int] = {}
-        self.streams: list[int] = []
-
-    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
-        self.shapes.append((name, tuple(shape)))
-        return 1 <= shape[0] <= self.engine.max_batch
-
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        assert name == "embeddings"
-        return (self.shapes[-1][1][0], EMBED_DIM)
-
-    def set_tensor_address(self, name: str, address: int) -> bool:
-        self.addresses[name] = address
-        return True
-
-    def execute_async_v3(self, stream_handle: int) -> bool:
-        self.streams.append(stream_handle)
-        engine, memory = self.engine, self.engine.memory
-        batch_shape = self.shapes[-1][1]
-        inputs = memory.view(self.addresses[engine.input], np.dtype(TRT_TYPES[engine.input_dtype]), batch_shape)
-        outputs = memory.view(self.addresses["embeddings"], np.dtype(np.float32), self.get_tensor_shape("embeddings"))
-        outputs[...] = fake_embed(inputs)
-        return True
-
-
-class FakeCudaEngine:
-    def __init__(self, input_name: str, input_dtype: str, memory: FakeDeviceMemory, max_batch: int) -> None:
-        self.input, self.input_dtype, self.memory, self.max_batch = input_name, input_dtype, memory, max_batch
-        self.num_io_tensors = 2
-        self.contexts: list[FakeContext] = []
-
-    def get_tensor_name(self, index: int) -> str:
-        return [self.input, "embeddings"][index]
-
-    def get_tensor_mode(self, name: str) -> str:
-        return "INPUT" if name == self.input else "OUTPUT"
-
-    def get_tensor_dtype(self, name: str) -> str:
-        return self.input_dtype if name == self.input else "FLOAT"
-
-    def create_execution_context(self) -> FakeContext:
-        self.contexts.append(FakeContext(self))
-        return self.contexts[-1]
-
-
-def make_fake_tensorrt(memory: FakeDeviceMemory, max_batch: int = 8) -> types.ModuleType:
-    """faked: TensorRT cannot be installed on this machine."""
-    trt = types.ModuleType("tensorrt")
-    trt.__version__ = "10.7.0"
-    trt.engines = []  # type: ignore[attr-defined]
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, severity: int) -> None:
-            self.severity = severity
-
-    class Runtime:
-        def __init__(self, logger: Logger) -> None:
-            self.logger = logger
-
-        def deserialize_cuda_engine(self, data: bytes) -> FakeCudaEngine | None:
-            if not data.startswith(FAKE_PLAN):
-                return None  # what TensorRT does with another GPU's or version's plan
-            input_name, input_dtype = data[len(FAKE_PLAN) + 1 :].decode().split(":")
-            engine = FakeCudaEngine(input_name, input_dtype, memory, max_batch)
-            trt.engines.append(engine)  # type: ignore[attr-defined]
-            return engine
-
-    trt.Logger = Logger  # type: ignore[attr-defined]
-    trt.Runtime = Runtime  # type: ignore[attr-defined]
-    trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")  # type: ignore[attr-defined]
-    trt.nptype = TRT_TYPES.__getitem__  # type: ignore[attr-defined]
-    return trt
-
-
-def write_plan(path: Path, input_name: str, dtype: str = "FLOAT") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(FAKE_PLAN + f" {input_name}:{dtype}".encode())
-    return path
+# faked: TensorRT cannot be installed on this machine (tests/service/fake_tensorrt.py says how).
 
 
 @pytest.fixture
