@@ -26,7 +26,7 @@ from loadtests.gpu_check_config import (
     median_call_us,
 )
 from loadtests.timing import rate_per_second
-from service.similarity import Scoring, cosines, ranked
+from models.scoring import Scoring, cosines, ranked
 
 CLIP = Scoring(100.0, None, "softmax")
 

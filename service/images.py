@@ -11,6 +11,7 @@ import binascii
 import io
 import re
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +22,23 @@ from service.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 # What Pillow decodes reliably and clients actually send; everything else (EPS, PSD, ...) is refused as 415.
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"})
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w-]+=[^;,]*)*)(?P<b64>;base64)?,", re.I)
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """One image as a client sent it: the file's bytes (multipart) or base64 text (JSON), and the request field
+    it came in (`images[0]`), which every error about it names."""
+
+    data: bytes | str
+    param: str
+
+    @property
+    def field(self) -> str:
+        return self.param.partition("[")[0]
+
+    def decoded(self) -> bytes:
+        """The image file's bytes; called in a worker thread (base64 of a large image is milliseconds)."""
+        return self.data if isinstance(self.data, bytes) else decode_base64(self.data, self.param)
 
 
 def decode_base64(text: str, param: str) -> bytes:

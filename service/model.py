@@ -8,9 +8,9 @@ from pathlib import Path
 from models import repository
 from models.manifest import Manifest, load_manifest
 from models.preprocess import ImageTransform
+from models.scoring import Scoring
 from models.tokenizer import ClipTokenizer
 from service.settings import Settings
-from service.similarity import Scoring
 
 
 def model_directory(settings: Settings) -> Path:

@@ -1,10 +1,11 @@
-"""The request pipeline behind the routes: validate, decode, batch, look up label vectors, score.
+"""The request pipeline behind the routes: decode, batch, look up label vectors, score.
 
-Images are decoded and preprocessed in a thread pool, then queued on the image batcher; label vectors come
-from the label cache, whose misses are tokenized in the pool and queued on the (separate, smaller) text
-batcher. Both halves of a /classify run concurrently; the similarity step joins them: numpy on the host, or
-the CUDA kernel when the image engine leaves embeddings on the GPU (then only the top k comes back, and
-/embed copies back the embeddings it returns).
+It receives checked inputs (service/inputs.py) and the request's deadline from the route. Images are decoded
+and preprocessed in a thread pool, then queued on the image batcher; label vectors come from the label cache,
+whose misses go to the text encoder (tokenizer in the pool, then the separate, smaller text batcher). Both
+halves of a /classify run concurrently; the similarity step joins them: numpy on the host, or the CUDA kernel
+when the image engine leaves embeddings on the GPU (then only the top k comes back, and /embed copies back
+the embeddings it returns).
 """
 
 from __future__ import annotations
@@ -18,22 +19,29 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.templates import TemplateError, resolve_templates
+from models.scoring import Scoring, cosines, ranked
 from service.batcher import DynamicBatcher
+from service.deadline import Deadline
 from service.engines.base import EngineError
 from service.engines.factory import EnginePair
-from service.errors import InvalidInput, ServiceError
+from service.errors import ServiceError
 from service.gpu.preprocess import make_preprocessor
 from service.gpu.similarity import CudaSimilarity, LabelSet, RankedScores, load_cuda_similarity
-from service.label_cache import LabelCache
+from service.images import ImageInput
+from service.labels.cache import LabelCache
+from service.labels.memory import MemoryTier
+from service.labels.redis_tier import RedisTier
 from service.metrics import Metrics
 from service.model import ServedModel
 from service.settings import Settings
-from service.similarity import Scoring, cosines, ranked
+from service.text_encoder import TextEncoder
+
+if TYPE_CHECKING:
+    from service.inputs import ClassifyInput
 
 CACHE_KEY_VERSION = "v1"  # bump when the vector recipe changes, so old Redis entries are never read
 
@@ -109,18 +117,29 @@ class Pipeline:
             max_queue=settings.text_max_queue,
             metrics=metrics,
         )
+        self.encode_texts = TextEncoder(model.tokenizer, self.text_batcher, self.decode_pool)
+        dim = model.manifest.embed_dim
+        redis = (
+            RedisTier(
+                settings.redis_url,
+                dim=dim,
+                metrics=metrics,
+                timeout_s=settings.redis_timeout_ms / 1000,
+                ttl_s=settings.cache_ttl_s,
+            )
+            if settings.redis_url
+            else None
+        )
         self.label_cache = LabelCache(
             # The content hash changes with any artifact, scoring or input change; the precision is what the text
             # engine computes in (fp16 TensorRT plans, int8 graphs); so vectors of one model and precision are
             # never read by another, and replicas on CPU and GPU nodes share what they can.
             namespace=f"clipserve:{CACHE_KEY_VERSION}:{model.content_hash[:16]}:{engines.text.precision}",
-            dim=model.manifest.embed_dim,
-            encode=self.encode_prompts,
+            dim=dim,
+            encode=self.encode_texts,
             metrics=metrics,
-            memory_bytes=int(settings.cache_memory_mb * 1024 * 1024),
-            redis_url=settings.redis_url,
-            redis_timeout_s=settings.redis_timeout_ms / 1000,
-            ttl_s=settings.cache_ttl_s,
+            memory=MemoryTier(int(settings.cache_memory_mb * 1024 * 1024)),
+            redis=redis,
         )
 
     async def start(self) -> None:
@@ -137,106 +156,45 @@ class Pipeline:
             self.cuda_similarity.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    def deadline(self) -> float:
-        return time.monotonic() + self.settings.request_timeout_s
+    # --- images -------------------------------------------------------------------------------------------------
 
-    # --- validation ---------------------------------------------------------------------------------------------
-
-    def check_labels(self, labels: Sequence[str], param: str = "labels") -> list[str]:
-        if not labels:
-            raise InvalidInput("give at least one label", param=param)
-        if len(labels) > self.settings.max_labels:
-            raise InvalidInput(f"{len(labels)} labels; the limit is {self.settings.max_labels}", param=param)
-        for i, label in enumerate(labels):
-            if not isinstance(label, str) or not label.strip():
-                raise InvalidInput(f"{param}[{i}] is empty", param=f"{param}[{i}]")
-            if len(label) > self.settings.max_label_chars:
-                raise InvalidInput(
-                    f"{param}[{i}] has {len(label)} characters; the limit is {self.settings.max_label_chars}",
-                    param=f"{param}[{i}]",
-                )
-        return list(labels)
-
-    def resolve_templates(self, templates: str | Sequence[str] | None) -> tuple[str, ...]:
-        try:
-            return resolve_templates(templates if templates is not None else self.settings.default_templates)
-        except TemplateError as error:
-            raise InvalidInput(str(error), param="templates") from error
-
-    def check_image_count(self, count: int, param: str = "images") -> None:
-        if count > self.settings.max_images:
-            raise InvalidInput(f"{count} images; the limit is {self.settings.max_images}", param=param)
-
-    # --- encoders -----------------------------------------------------------------------------------------------
-
-    def _preprocess_one(self, data: bytes, param: str) -> np.ndarray:
+    def _preprocess_one(self, image: ImageInput) -> np.ndarray:
         start = time.perf_counter()
-        pixels = self.preprocess_image(data, param)
+        pixels = self.preprocess_image(image.decoded(), image.param)
         self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
         return pixels
 
-    async def _image_embeddings(self, blobs: Sequence[bytes], params: Sequence[str], deadline: float) -> list[Any]:
+    async def _image_embeddings(self, images: Sequence[ImageInput], deadline: Deadline) -> list[Any]:
         """The engine's output for the images, in parts of at most one engine batch: host arrays, or DeviceArrays
         on the GPU path (the batcher slices those but cannot join them across engine calls)."""
         loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self.decode_pool, self._preprocess_one, b, p)
-            for b, p in zip(blobs, params, strict=True)
-        ]
+        jobs = [loop.run_in_executor(self.decode_pool, self._preprocess_one, image) for image in images]
         pixels = np.stack(await asyncio.gather(*jobs))
         step = self.image_batcher.max_batch_size if self.cuda_similarity else len(pixels)
         parts = [
-            self.image_batcher.submit(pixels[i : i + step], deadline=deadline) for i in range(0, len(pixels), step)
+            self.image_batcher.submit(pixels[i : i + step], deadline=deadline.at) for i in range(0, len(pixels), step)
         ]
         return list(await asyncio.gather(*parts))
 
-    async def embed_images(self, blobs: Sequence[bytes], params: Sequence[str], deadline: float) -> np.ndarray:
+    async def embed_images(self, images: Sequence[ImageInput], deadline: Deadline) -> np.ndarray:
         """Normalised image embeddings [N, D] on the host."""
-        parts = await self._image_embeddings(blobs, params, deadline)
+        parts = await self._image_embeddings(images, deadline)
         if self.cuda_similarity is None:
             return parts[0]
         loop = asyncio.get_running_loop()
         host = [await loop.run_in_executor(self.decode_pool, part.to_host) for part in parts]  # blocking copies
         return np.concatenate(host)
 
-    async def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        """Prompts -> normalised text embeddings, through the text batcher (the label cache's encoder)."""
-        loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self.decode_pool, partial(self.model.tokenizer, prompts))
-        return await self.text_batcher.submit(ids, deadline=self.deadline())
-
-    async def label_matrix(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray:
-        prompts = len(labels) * len(templates)
-        if prompts > self.settings.max_prompts:
-            raise InvalidInput(
-                f"{len(labels)} labels x {len(templates)} templates = {prompts:,} prompts; the limit is "
-                f"{self.settings.max_prompts:,} (CLIPSERVE_MAX_PROMPTS)",
-                param="labels",
-            )
-        return await self.label_cache.label_matrix(labels, templates)
-
     # --- requests -----------------------------------------------------------------------------------------------
 
-    async def classify(
-        self,
-        blobs: Sequence[bytes],
-        params: Sequence[str],
-        labels: Sequence[str],
-        templates: str | Sequence[str] | None,
-        top_k: int | None,
-    ) -> Classification:
-        labels = self.check_labels(labels)
-        resolved = self.resolve_templates(templates)
-        self.check_image_count(len(blobs))
-        deadline = self.deadline()
-
+    async def classify(self, request: ClassifyInput, deadline: Deadline) -> Classification:
         async def timed_images() -> tuple[list[Any], float]:
             start = time.perf_counter()
-            return await self._image_embeddings(blobs, params, deadline), _elapsed_ms(start)
+            return await self._image_embeddings(request.images, deadline), _elapsed_ms(start)
 
         async def timed_labels() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
-            return await self.label_matrix(labels, resolved), _elapsed_ms(start)
+            return await self.label_cache.label_matrix(request.labels, request.templates, deadline), _elapsed_ms(start)
 
         # TaskGroup: if one half fails (bad image), the other is cancelled rather than left running.
         try:
@@ -248,14 +206,14 @@ class Pipeline:
         (image_parts, images_ms), (label_matrix, labels_ms) = image_task.result(), label_task.result()
         start = time.perf_counter()
         if self.cuda_similarity is None:
-            result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, top_k)
+            result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, request.top_k)
         else:
-            label_set = LabelSet(self._label_set_key(labels, resolved), label_matrix)
-            rank = partial(self.cuda_similarity.rank, labels=label_set, scoring=self.model.scoring, top_k=top_k)
+            label_set = LabelSet(self._label_set_key(request.labels, request.templates), label_matrix)
+            rank = partial(self.cuda_similarity.rank, labels=label_set, scoring=self.model.scoring, top_k=request.top_k)
             loop = asyncio.get_running_loop()
             parts = [await loop.run_in_executor(self.similarity_pool, rank, part) for part in image_parts]
             result = parts[0] if len(parts) == 1 else RankedScores(*map(np.concatenate, zip(*parts, strict=True)))
-        return Classification(labels, result, images_ms, labels_ms, _elapsed_ms(start))
+        return Classification(request.labels, result, images_ms, labels_ms, _elapsed_ms(start))
 
     def _label_set_key(self, labels: Sequence[str], templates: Sequence[str]) -> str:
         """Names a label matrix by what it is made of, for the GPU's label cache (the vectors' own namespace

@@ -1,68 +1,47 @@
-"""HTTP routes. Each parses its input, hands the work to the pipeline, and shapes the answer."""
+"""HTTP routes. Each gets its checked input from a dependency (service/inputs.py), makes the request's one
+deadline, hands the work to the pipeline under it, and shapes the answer."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import json
-import secrets
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
 
 from service import schemas
-from service.errors import (
-    ClientClosedRequest,
-    DeadlineExceeded,
-    InvalidInput,
-    InvalidRequest,
-    NotFound,
-    NotReady,
-    Unauthorized,
-    UnsupportedMediaType,
+from service.deadline import Deadline
+from service.dependencies import authorised, pipeline
+from service.errors import ClientClosedRequest, DeadlineExceeded, NotFound
+from service.inputs import (
+    ClassifyInput,
+    EmbeddingsInput,
+    EmbedInput,
+    classify_input,
+    embed_input,
+    embeddings_input,
 )
-from service.images import decode_base64, is_image_data_url
 from service.pipeline import Pipeline
+from service.schemas import request_body
 
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.1
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503, 504)
 }
-_IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
-
-
-def pipeline(request: Request) -> Pipeline:
-    ready: Pipeline | None = getattr(request.app.state, "pipeline", None)
-    if ready is None:
-        raise NotReady("the model is still loading")
-    return ready
-
-
-def authorised(request: Request) -> None:
-    keys: Sequence[str] = request.app.state.settings.api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    # Constant-time comparison against every key, so timing does not reveal how much of a key matched.
-    if not any(secrets.compare_digest(given.encode(), key.encode()) for key in keys):
-        raise Unauthorized("missing or unknown API key; send 'Authorization: Bearer <key>'")
 
 
 api = APIRouter(dependencies=[Depends(authorised)], responses=_ERRORS)
 probes = APIRouter()
 
 
-async def serve(request: Request, work: Awaitable[T]) -> T:
-    """Runs `work` under the request deadline, and stops it if the client goes away."""
+async def serve(request: Request, deadline: Deadline, work: Awaitable[T]) -> T:
+    """Runs `work` until the request's deadline, and stops it if the client goes away."""
     task = asyncio.ensure_future(work)
     disconnected = False
 
@@ -77,10 +56,10 @@ async def serve(request: Request, work: Awaitable[T]) -> T:
 
     watcher = asyncio.create_task(watch_disconnect())
     try:
-        async with asyncio.timeout(request.app.state.settings.request_timeout_s):
+        async with asyncio.timeout(deadline.remaining_s()):
             return await task
     except TimeoutError as error:
-        raise DeadlineExceeded(f"no answer within {request.app.state.settings.request_timeout_s:g} s") from error
+        raise DeadlineExceeded(f"no answer within {deadline.budget_s:g} s") from error
     except asyncio.CancelledError:
         if not disconnected:
             raise  # the server is shutting down: let the cancellation through
@@ -89,21 +68,6 @@ async def serve(request: Request, work: Awaitable[T]) -> T:
     finally:
         watcher.cancel()
         task.cancel()
-
-
-def _parse(model: type[BaseModel], body: bytes) -> Any:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as error:
-        first = error.errors()[0]
-        if first["type"] == "json_invalid":
-            raise InvalidRequest(f"body is not valid JSON: {first['msg']}") from error
-        location = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in first["loc"]).replace(".[", "[")
-        raise InvalidInput(f"{location or 'body'}: {first['msg']}", param=location or None) from error
-
-
-def _base64_images(texts: Sequence[str], params: list[str]) -> tuple[list[bytes], list[str]]:
-    return [decode_base64(text, param) for text, param in zip(texts, params, strict=True)], params
 
 
 def _encode(vectors: np.ndarray, encoding_format: str) -> list[list[float] | str]:
@@ -136,182 +100,81 @@ def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schem
 # ------------------------------------------------------------------------------------------------- /classify
 
 
-async def _multipart(request: Request, p: Pipeline) -> tuple[list[bytes], list[str], list[str], Any, int | None]:
-    settings = p.settings
-    # Starlette answers a malformed multipart body with HTTPException(400), which errors.py maps to the shape.
-    form = await request.form(
-        max_files=settings.max_images + 1,
-        max_fields=settings.max_labels + 16,
-        max_part_size=settings.max_body_bytes,
-    )
-    uploads = [v for key in ("image", "images") for v in form.getlist(key)]
-    blobs, params = [], []
-    for i, upload in enumerate(uploads):
-        param = f"image[{i}]"
-        if not isinstance(upload, UploadFile):
-            raise InvalidInput(f"{param} must be a file upload", param=param)
-        content_type = (upload.content_type or "application/octet-stream").lower()
-        if not content_type.startswith(_IMAGE_CONTENT_TYPES):
-            raise UnsupportedMediaType(f"{param} has content type {content_type}; send an image", param=param)
-        blobs.append(await upload.read())
-        params.append(param)
-    if not blobs:
-        raise InvalidInput("send at least one 'image' file", param="image")
-    p.check_image_count(len(blobs), "image")
-    labels = _form_labels([v for v in form.getlist("labels") if isinstance(v, str)])
-    templates_field = form.get("templates")
-    templates: Any = None
-    if isinstance(templates_field, str) and templates_field.strip():
-        is_list = templates_field.lstrip().startswith("[")
-        templates = _json_list(templates_field, "templates") if is_list else templates_field
-    top_k_field = form.get("top_k")
-    top_k = None
-    if isinstance(top_k_field, str) and top_k_field.strip():
-        digits = top_k_field.strip()
-        # isascii: "²".isdigit() is True but int("²") fails; the length cap keeps int() cheap.
-        if not (digits.isascii() and digits.isdigit() and len(digits) <= 9) or int(digits) < 1:
-            raise InvalidInput("top_k must be a positive integer", param="top_k")
-        top_k = int(digits)
-    return blobs, params, labels, templates, top_k
-
-
-def _json_list(text: str, param: str) -> list[str]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise InvalidInput(f"{param}: not a valid JSON list ({error.msg})", param=param) from error
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidInput(f"{param}: must be a JSON list of strings", param=param)
-    return value
-
-
-def _form_labels(values: list[str]) -> list[str]:
-    """Repeated `labels` fields, or one field holding a JSON list, or one comma-separated field."""
-    if len(values) == 1:
-        text = values[0]
-        return _json_list(text, "labels") if text.lstrip().startswith("[") else [v.strip() for v in text.split(",")]
-    return values
-
-
 @api.post(
     "/classify",
     response_model=schemas.ClassifyResponse,
     summary="Rank labels for images, zero-shot",
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ClassifyRequest"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image", "labels"],
-                        "properties": {
-                            "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                            "labels": {
-                                "type": "array",
-                                "items": {"type": "string"},
-                                "description": "Repeated fields, one JSON list, or one comma-separated string.",
-                            },
-                            "templates": {"type": "string", "description": "Preset name or a JSON list."},
-                            "top_k": {"type": "integer"},
-                        },
-                    }
-                },
-            },
-        }
-    },
+    openapi_extra={"requestBody": request_body(schemas.ClassifyRequest, schemas.ClassifyForm)},
 )
-async def classify(request: Request, p: Pipeline = Depends(pipeline)) -> schemas.ClassifyResponse:
+async def classify(
+    request: Request, inputs: ClassifyInput = Depends(classify_input), p: Pipeline = Depends(pipeline)
+) -> schemas.ClassifyResponse:
     start = time.perf_counter()
-    content_type = request.headers.get("content-type", "").lower()
-    if content_type.startswith("multipart/form-data"):
-        blobs, params, labels, templates, top_k = await _multipart(request, p)
-    elif content_type.startswith("application/json") or not content_type:
-        body: schemas.ClassifyRequest = _parse(schemas.ClassifyRequest, await request.body())
-        p.check_image_count(len(body.images))
-        blobs, params = _base64_images(body.images, [f"images[{i}]" for i in range(len(body.images))])
-        labels, templates, top_k = body.labels, body.templates, body.top_k
-    else:
-        raise UnsupportedMediaType(f"content type {content_type}; send application/json or multipart/form-data")
-    result = await serve(request, p.classify(blobs, params, labels, templates, top_k))
+    deadline = Deadline.after(p.settings.request_timeout_s)
+    result = await serve(request, deadline, p.classify(inputs, deadline))
     return _classification_response(p, result, (time.perf_counter() - start) * 1000)
 
 
 # ---------------------------------------------------------------------------------------------------- /embed
 
 
-@api.post("/embed", response_model=schemas.EmbedResponse, summary="L2-normalised image and/or text embeddings")
-async def embed(request: Request, body: schemas.EmbedRequest, p: Pipeline = Depends(pipeline)) -> schemas.EmbedResponse:
-    if not body.images and not body.texts:
-        raise InvalidInput("give images, texts or both", param="images")
+@api.post(
+    "/embed",
+    response_model=schemas.EmbedResponse,
+    summary="L2-normalised image and/or text embeddings",
+    openapi_extra={"requestBody": request_body(schemas.EmbedRequest)},
+)
+async def embed(
+    request: Request, inputs: EmbedInput = Depends(embed_input), p: Pipeline = Depends(pipeline)
+) -> schemas.EmbedResponse:
+    deadline = Deadline.after(p.settings.request_timeout_s)
 
     async def work() -> schemas.EmbedResponse:
         image_vectors = text_vectors = None
-        if body.images:
-            p.check_image_count(len(body.images))
-            blobs, params = _base64_images(body.images, [f"images[{i}]" for i in range(len(body.images))])
-            image_vectors = _encode(await p.embed_images(blobs, params, p.deadline()), body.encoding_format)
-        if body.texts:
-            if body.templates is not None:
-                texts = p.check_labels(body.texts, "texts")
-                vectors = await p.label_matrix(texts, p.resolve_templates(body.templates))
+        if inputs.images:
+            image_vectors = _encode(await p.embed_images(inputs.images, deadline), inputs.encoding_format)
+        if inputs.texts:
+            if inputs.templates is not None:
+                vectors = await p.label_cache.label_matrix(inputs.texts, inputs.templates, deadline)
             else:
-                vectors = await p.encode_prompts(_check_texts(p, body.texts, "texts"))
-            text_vectors = _encode(vectors, body.encoding_format)
+                vectors = await p.encode_texts(inputs.texts, deadline)
+            text_vectors = _encode(vectors, inputs.encoding_format)
         return schemas.EmbedResponse(
             model=p.model.name, dim=p.model.manifest.embed_dim, images=image_vectors, texts=text_vectors
         )
 
-    return await serve(request, work())
-
-
-def _check_texts(p: Pipeline, texts: list[str], param: str) -> list[str]:
-    if len(texts) > p.settings.max_texts:
-        raise InvalidInput(f"{len(texts)} texts; the limit is {p.settings.max_texts}", param=param)
-    for i, text in enumerate(texts):
-        # CLIP reads at most a few dozen tokens; a megabyte of text only costs tokenizer time.
-        if len(text) > p.settings.max_text_chars and not is_image_data_url(text):
-            raise InvalidInput(
-                f"{param}[{i}] has {len(text):,} characters; the limit is {p.settings.max_text_chars:,}",
-                param=f"{param}[{i}]",
-            )
-    return texts
+    return await serve(request, deadline, work())
 
 
 # ------------------------------------------------------------------------------------------ OpenAI-compatible
 
 
-@api.post("/v1/embeddings", response_model=schemas.OpenAIEmbeddingsResponse, summary="OpenAI-compatible embeddings")
+@api.post(
+    "/v1/embeddings",
+    response_model=schemas.OpenAIEmbeddingsResponse,
+    summary="OpenAI-compatible embeddings",
+    openapi_extra={"requestBody": request_body(schemas.OpenAIEmbeddingsRequest)},
+)
 async def openai_embeddings(
-    request: Request, body: schemas.OpenAIEmbeddingsRequest, p: Pipeline = Depends(pipeline)
+    request: Request, inputs: EmbeddingsInput = Depends(embeddings_input), p: Pipeline = Depends(pipeline)
 ) -> schemas.OpenAIEmbeddingsResponse:
-    if body.model is not None and body.model != p.model.name:
-        raise NotFound(f"model {body.model!r} is not served here; this server serves {p.model.name!r}", param="model")
-    if body.dimensions is not None and body.dimensions != p.model.manifest.embed_dim:
-        raise InvalidInput(f"this model's embeddings have {p.model.manifest.embed_dim} dimensions", param="dimensions")
-    inputs = [body.input] if isinstance(body.input, str) else body.input
-    if not inputs:
-        raise InvalidInput("input must not be empty", param="input")
-    _check_texts(p, inputs, "input")
-    image_rows = [i for i, item in enumerate(inputs) if is_image_data_url(item)]
-    text_rows = [i for i, item in enumerate(inputs) if not is_image_data_url(item)]
+    deadline = Deadline.after(p.settings.request_timeout_s)
 
-    async def work() -> np.ndarray:
-        vectors = np.zeros((len(inputs), p.model.manifest.embed_dim), np.float32)
-        if image_rows:
-            p.check_image_count(len(image_rows), "input")
-            blobs, params = _base64_images([inputs[i] for i in image_rows], [f"input[{i}]" for i in image_rows])
-            vectors[image_rows] = await p.embed_images(blobs, params, p.deadline())
-        if text_rows:
-            vectors[text_rows] = await p.encode_prompts([inputs[i] for i in text_rows])
-        return vectors
+    async def work() -> tuple[np.ndarray, int]:
+        vectors = np.zeros((len(inputs.inputs), p.model.manifest.embed_dim), np.float32)
+        tokens = 0
+        if inputs.image_rows:
+            vectors[inputs.image_rows] = await p.embed_images(inputs.images, deadline)
+        if inputs.text_rows:
+            texts = inputs.texts
+            vectors[inputs.text_rows], tokens = await asyncio.gather(
+                p.encode_texts(texts, deadline), p.encode_texts.count_tokens(texts)
+            )
+        return vectors, tokens
 
-    vectors = await serve(request, work())
-    tokens = await asyncio.get_running_loop().run_in_executor(
-        p.decode_pool, lambda: sum(len(p.model.tokenizer.encode(inputs[i])) + 2 for i in text_rows)
-    )
-    data = [schemas.OpenAIEmbedding(index=i, embedding=e) for i, e in enumerate(_encode(vectors, body.encoding_format))]
+    vectors, tokens = await serve(request, deadline, work())
+    encoded = _encode(vectors, inputs.encoding_format)
+    data = [schemas.OpenAIEmbedding(index=i, embedding=e) for i, e in enumerate(encoded)]
     return schemas.OpenAIEmbeddingsResponse(
         data=data, model=p.model.name, usage=schemas.OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens)
     )

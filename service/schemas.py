@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +25,19 @@ class ClassifyRequest(_Body):
     )
     labels: list[str] = Field(..., min_length=1, description="The candidate labels, any text.")
     templates: Templates = Field(None, description=_TEMPLATES_HELP)
+    top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
+
+
+class ClassifyForm(BaseModel):
+    """/classify as multipart/form-data: the same request with image files instead of base64."""
+
+    image: list[bytes] = Field(
+        ..., min_length=1, description="Image files (repeat the field, or use 'images'); any image/* type."
+    )
+    labels: list[str] = Field(
+        ..., min_length=1, description="Repeated fields, or one field with a JSON list or comma-separated labels."
+    )
+    templates: str | None = Field(None, description="A preset name, or a JSON list of templates. " + _TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
 
 
@@ -128,3 +141,16 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def request_body(json_model: type[BaseModel], form_model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """The OpenAPI requestBody of a route whose input dependency reads the body itself, generated from its wire
+    models: FastAPI only documents body parameters, and one parameter cannot have two content types."""
+    content = {"application/json": {"schema": json_model.model_json_schema()}}
+    if form_model is not None:
+        content["multipart/form-data"] = {"schema": form_model.model_json_schema()}
+    for media in content.values():
+        # "$ref": "#/$defs/..." would point into the OpenAPI document's root, where no $defs are.
+        if "$defs" in media["schema"]:
+            raise TypeError("request models must not nest models; give them flat fields")
+    return {"required": True, "content": content}

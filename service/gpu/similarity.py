@@ -3,7 +3,7 @@
 `CudaSimilarity` keeps label matrices on the device in an LRU bounded in bytes (keyed by the label set and the
 image dtype, since fp16 embeddings are scored against an fp16 copy), launches the cosine GEMM and the fused
 softmax + top-k pass (service/kernels/similarity.cu), and copies back only the top k per image, or, when every
-label is wanted ranked, the cosines and probabilities of the whole row. The numpy path (service/similarity.py)
+label is wanted ranked, the cosines and probabilities of the whole row. The numpy path (models/scoring.py)
 stays the CPU path and the reference these results are tested against.
 
 Rows are scored in groups so the fp32 cosine workspace [group, C] stays within `workspace_bytes`. One launch
@@ -21,11 +21,11 @@ from typing import Protocol
 
 import numpy as np
 
+from models.scoring import Scoring
 from service.gpu.cublas import CublasGemm
 from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float32
 from service.gpu.driver import CudaError, DeviceAllocation, Float32, Int32, KernelArgument, Pointer
 from service.kernels import DEFAULT_FATBIN, ENTRY_POINTS
-from service.similarity import Scoring
 
 log = logging.getLogger("clipserve.gpu")
 

@@ -20,13 +20,17 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from models.templates import SIMPLE_7
-from service import label_cache as label_cache_module
-from service.label_cache import LabelCache
+from service.deadline import Deadline
+from service.labels.backoff import Backoff
+from service.labels.cache import LabelCache
+from service.labels.memory import MemoryTier
+from service.labels.redis_tier import RedisTier
 from service.metrics import Metrics
 from tests.service.redis_server import RedisServer, free_port
 
 DIM = 16
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "{}")
+DEADLINE = Deadline.after(3600)  # these tests are about the cache, not about running out of time
 
 
 def prompt_vector(text: str) -> np.ndarray:
@@ -48,7 +52,7 @@ class FakeEncoder:
         self.delay_s = 0.0
         self.error: Exception | None = None
 
-    async def __call__(self, prompts: list[str]) -> np.ndarray:
+    async def __call__(self, prompts: list[str], deadline: Deadline) -> np.ndarray:
         self.calls.append(list(prompts))
         await asyncio.sleep(self.delay_s)  # a real engine yields to the loop; lets concurrent callers pile up
         if self.error is not None:
@@ -88,8 +92,8 @@ MakeCache = Callable[..., Awaitable[tuple[LabelCache, FakeEncoder, Metrics]]]
 
 
 class ManualClock:
-    """Stands in for the cache's `time.monotonic()`, so backoff tests move time by hand instead of sleeping:
-    on a loaded 2-core CI machine a wall-clock backoff can run out between two calls."""
+    """The Redis backoff's clock, moved by hand instead of sleeping: on a loaded 2-core CI machine a wall-clock
+    backoff can run out between two calls."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -102,20 +106,35 @@ class ManualClock:
 
 
 @pytest.fixture
-def manual_clock(monkeypatch: pytest.MonkeyPatch) -> ManualClock:
-    clock = ManualClock()
-    monkeypatch.setattr(label_cache_module, "time", clock)
-    return clock
+def manual_clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
 async def make_cache(namespace: str) -> AsyncIterator[MakeCache]:
     caches: list[LabelCache] = []
 
-    async def make(**kwargs: Any) -> tuple[LabelCache, FakeEncoder, Metrics]:
+    async def make(
+        *,
+        redis_url: str | None = None,
+        redis_timeout_s: float = 0.1,
+        ttl_s: int | None = None,
+        memory_bytes: int = 64 << 20,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        clock: Callable[[], float] | None = None,
+        **kwargs: Any,
+    ) -> tuple[LabelCache, FakeEncoder, Metrics]:
+        """The cache as the pipeline assembles it, from the parts the keywords configure."""
         encoder, metrics = FakeEncoder(), Metrics()
+        redis = None
+        if redis_url is not None:
+            backoff = Backoff(backoff_initial_s, backoff_max_s, clock or ManualClock().monotonic)
+            redis = RedisTier(
+                redis_url, dim=DIM, metrics=metrics, timeout_s=redis_timeout_s, ttl_s=ttl_s, backoff=backoff
+            )
         options: dict[str, Any] = {"namespace": namespace, "dim": DIM, "encode": encoder, "metrics": metrics}
-        cache = LabelCache(**(options | kwargs))
+        cache = LabelCache(**(options | kwargs), memory=MemoryTier(memory_bytes), redis=redis)
         await cache.connect()
         caches.append(cache)
         return cache, encoder, metrics
@@ -128,15 +147,15 @@ async def make_cache(namespace: str) -> AsyncIterator[MakeCache]:
 async def test_rows_are_renormalised_template_means_in_label_order(make_cache: MakeCache) -> None:
     cache, _, _ = await make_cache()
     labels = ["cat", "dog", "cat", "κόκκινο λεωφορείο 🚌", "x" * 5000]
-    matrix = await cache.label_matrix(labels, TEMPLATES)
+    matrix = await cache.label_matrix(labels, TEMPLATES, DEADLINE)
     assert matrix.shape == (5, DIM) and matrix.dtype == np.float32
     np.testing.assert_allclose(matrix, np.stack([expected(label) for label in labels]), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-6)
     matrix[0] = 0  # the answer is the caller's own copy: scribbling on it must not reach the cache
-    np.testing.assert_allclose((await cache.label_matrix(["cat"], TEMPLATES))[0], expected("cat"), atol=1e-6)
-    assert (await cache.label_matrix([], TEMPLATES)).shape == (0, DIM)
+    np.testing.assert_allclose((await cache.label_matrix(["cat"], TEMPLATES, DEADLINE))[0], expected("cat"), atol=1e-6)
+    assert (await cache.label_matrix([], TEMPLATES, DEADLINE)).shape == (0, DIM)
     with pytest.raises(ValueError, match="templates"):
-        await cache.label_matrix(["cat"], [])
+        await cache.label_matrix(["cat"], [], DEADLINE)
 
 
 async def test_keys_are_versioned_by_namespace_templates_and_label(make_cache: MakeCache) -> None:
@@ -155,24 +174,24 @@ async def test_memory_then_redis_then_another_namespace_misses(
     labels = ["cat", "dog", "bird"]
     first, encoder, metrics = await make_cache(redis_url=redis_server.url)
     assert first.redis_available
-    vectors = await first.label_matrix(labels, TEMPLATES)
+    vectors = await first.label_matrix(labels, TEMPLATES, DEADLINE)
     assert len(encoder.calls) == 1 and len(encoder.calls[0]) == 9
     assert lookups(metrics, "memory", "miss") == 3 and lookups(metrics, "redis", "miss") == 3
     assert await raw.exists(*(first.key(label, TEMPLATES) for label in labels)) == 3
 
-    again = await first.label_matrix(labels, TEMPLATES)
+    again = await first.label_matrix(labels, TEMPLATES, DEADLINE)
     assert len(encoder.calls) == 1 and lookups(metrics, "memory", "hit") == 3
     np.testing.assert_array_equal(again, vectors)
 
     # A second replica on the same Redis and model: all Redis hits, nothing encoded, the same vectors.
     second, encoder2, metrics2 = await make_cache(redis_url=redis_server.url)
-    np.testing.assert_array_equal(await second.label_matrix(labels, TEMPLATES), vectors)
+    np.testing.assert_array_equal(await second.label_matrix(labels, TEMPLATES, DEADLINE), vectors)
     assert encoder2.calls == [] and lookups(metrics2, "redis", "hit") == 3
-    assert second.encode_calls == 0 and first.encode_calls == 1 and first.prompts_encoded == 9
+    assert encoder2.calls == [] and len(encoder.calls) == 1 and sum(map(len, encoder.calls)) == 9
 
     # Another model (another content hash in the namespace) never reads these vectors.
     other, encoder3, metrics3 = await make_cache(redis_url=redis_server.url, namespace="clipserve:v1:0000:fp32")
-    await other.label_matrix(labels, TEMPLATES)
+    await other.label_matrix(labels, TEMPLATES, DEADLINE)
     assert len(encoder3.calls) == 1 and lookups(metrics3, "redis", "hit") == 0
     assert redis_errors(metrics) == redis_errors(metrics2) == redis_errors(metrics3) == 0
 
@@ -182,8 +201,8 @@ async def test_a_thousand_labels_are_one_encode_call_one_mget_and_one_pipeline(
 ) -> None:
     cache, encoder, _ = await make_cache(redis_url=redis_server.url)
     # Commands sent one by one go through Redis.execute_command; a pipeline's commands do not.
-    client = cache._redis
-    assert client is not None
+    assert cache.redis is not None
+    client = cache.redis.client
     single_commands: list[str] = []
     send = client.execute_command
 
@@ -193,7 +212,7 @@ async def test_a_thousand_labels_are_one_encode_call_one_mget_and_one_pipeline(
 
     monkeypatch.setattr(client, "execute_command", spy)
     labels = [f"label {i}" for i in range(1000)]
-    matrix = await cache.label_matrix(labels, SIMPLE_7)
+    matrix = await cache.label_matrix(labels, SIMPLE_7, DEADLINE)
     assert len(encoder.calls) == 1 and len(encoder.calls[0]) == 7000
     assert single_commands == ["MGET"]  # one lookup for all misses; the 1,000 SETs went in one pipeline
     assert await raw.exists(*(cache.key(label, SIMPLE_7) for label in labels)) == 1000
@@ -201,7 +220,7 @@ async def test_a_thousand_labels_are_one_encode_call_one_mget_and_one_pipeline(
         matrix[[0, 999]], [expected(labels[0], SIMPLE_7), expected(labels[999], SIMPLE_7)], atol=1e-6
     )
 
-    np.testing.assert_array_equal(await cache.label_matrix(labels, SIMPLE_7), matrix)
+    np.testing.assert_array_equal(await cache.label_matrix(labels, SIMPLE_7, DEADLINE), matrix)
     assert len(encoder.calls) == 1 and single_commands == ["MGET"]  # memory hits: neither encoder nor Redis
 
 
@@ -209,13 +228,15 @@ async def test_concurrent_calls_compute_each_label_once(make_cache: MakeCache, r
     cache, encoder, _ = await make_cache(redis_url=redis_server.url)
     encoder.delay_s = 0.05
     labels = ["apple", "pear", "plum"]
-    results = await asyncio.gather(*(cache.label_matrix(labels, TEMPLATES) for _ in range(10)))
+    results = await asyncio.gather(*(cache.label_matrix(labels, TEMPLATES, DEADLINE) for _ in range(10)))
     assert len(encoder.calls) == 1
     for result in results:
         np.testing.assert_array_equal(result, results[0])
 
     # Overlapping requests: the second encodes only what the first is not already computing.
-    await asyncio.gather(cache.label_matrix(["a", "b"], TEMPLATES), cache.label_matrix(["b", "c"], TEMPLATES))
+    await asyncio.gather(
+        cache.label_matrix(["a", "b"], TEMPLATES, DEADLINE), cache.label_matrix(["b", "c"], TEMPLATES, DEADLINE)
+    )
     assert sorted(p for call in encoder.calls[1:] for p in call) == sorted(
         t.format(x) for x in "abc" for t in TEMPLATES
     )
@@ -224,9 +245,9 @@ async def test_concurrent_calls_compute_each_label_once(make_cache: MakeCache, r
 async def test_a_cancelled_caller_does_not_cancel_the_others(make_cache: MakeCache) -> None:
     cache, encoder, _ = await make_cache()
     encoder.delay_s = 0.05
-    owner = asyncio.create_task(cache.label_matrix(["owl"], TEMPLATES))
+    owner = asyncio.create_task(cache.label_matrix(["owl"], TEMPLATES, DEADLINE))
     await asyncio.sleep(0)  # the owner registers the computation
-    waiter = asyncio.create_task(cache.label_matrix(["owl"], TEMPLATES))
+    waiter = asyncio.create_task(cache.label_matrix(["owl"], TEMPLATES, DEADLINE))
     await asyncio.sleep(0.01)
     owner.cancel()
     np.testing.assert_allclose((await waiter)[0], expected("owl"), atol=1e-6)
@@ -239,7 +260,7 @@ async def test_a_malformed_redis_value_is_recomputed_and_overwritten(
     cache, encoder, metrics = await make_cache(redis_url=redis_server.url)
     key = cache.key("zebra", TEMPLATES)
     await raw.set(key, b"\x00" * (DIM * 4 - 1))
-    matrix = await cache.label_matrix(["zebra"], TEMPLATES)
+    matrix = await cache.label_matrix(["zebra"], TEMPLATES, DEADLINE)
     np.testing.assert_allclose(matrix[0], expected("zebra"), atol=1e-6)
     assert len(encoder.calls) == 1 and lookups(metrics, "redis", "malformed") == 1
     stored = await raw.get(key)
@@ -254,19 +275,19 @@ async def test_memory_is_bounded_by_bytes_and_evicted_entries_come_from_redis(
     entry_bytes = DIM * 4 + len(probe.key("l0", TEMPLATES))
     cache, encoder, metrics = await make_cache(redis_url=redis_server.url, memory_bytes=3 * entry_bytes)
     for i in range(5):
-        await cache.label_matrix([f"l{i}"], TEMPLATES)
+        await cache.label_matrix([f"l{i}"], TEMPLATES, DEADLINE)
     assert len(encoder.calls) == 5
 
-    await cache.label_matrix(["l4", "l3", "l2"], TEMPLATES)  # the three newest fit
+    await cache.label_matrix(["l4", "l3", "l2"], TEMPLATES, DEADLINE)  # the three newest fit
     assert lookups(metrics, "memory", "hit") == 3
-    np.testing.assert_allclose((await cache.label_matrix(["l0"], TEMPLATES))[0], expected("l0"), atol=1e-6)
+    np.testing.assert_allclose((await cache.label_matrix(["l0"], TEMPLATES, DEADLINE))[0], expected("l0"), atol=1e-6)
     assert lookups(metrics, "memory", "hit") == 3 and lookups(metrics, "redis", "hit") == 1  # evicted -> Redis
     assert len(encoder.calls) == 5
 
     # memory_bytes=0 disables the memory tier: every repeat is a Redis hit.
     off, encoder_off, metrics_off = await make_cache(redis_url=redis_server.url, memory_bytes=0)
-    await off.label_matrix(["l9"], TEMPLATES)
-    await off.label_matrix(["l9"], TEMPLATES)
+    await off.label_matrix(["l9"], TEMPLATES, DEADLINE)
+    await off.label_matrix(["l9"], TEMPLATES, DEADLINE)
     assert len(encoder_off.calls) == 1 and lookups(metrics_off, "memory", "hit") == 0
     assert lookups(metrics_off, "redis", "hit") == 1
 
@@ -275,25 +296,25 @@ async def test_ttl_is_set_only_when_asked(
     make_cache: MakeCache, redis_server: RedisServer, raw: aioredis.Redis
 ) -> None:
     with_ttl, _, _ = await make_cache(redis_url=redis_server.url, ttl_s=60)
-    await with_ttl.label_matrix(["ttl"], TEMPLATES)
+    await with_ttl.label_matrix(["ttl"], TEMPLATES, DEADLINE)
     assert 0 < await raw.ttl(with_ttl.key("ttl", TEMPLATES)) <= 60
     without, _, _ = await make_cache(redis_url=redis_server.url)
-    await without.label_matrix(["no ttl"], TEMPLATES)
+    await without.label_matrix(["no ttl"], TEMPLATES, DEADLINE)
     assert await raw.ttl(without.key("no ttl", TEMPLATES)) == -1
 
 
 async def test_without_redis_the_memory_tier_works(make_cache: MakeCache) -> None:
     cache, encoder, metrics = await make_cache()
     assert not cache.redis_available
-    first = await cache.label_matrix(["a", "b"], TEMPLATES)
-    np.testing.assert_array_equal(await cache.label_matrix(["b", "a"], TEMPLATES), first[::-1])
+    first = await cache.label_matrix(["a", "b"], TEMPLATES, DEADLINE)
+    np.testing.assert_array_equal(await cache.label_matrix(["b", "a"], TEMPLATES, DEADLINE), first[::-1])
     assert len(encoder.calls) == 1 and lookups(metrics, "redis", "miss") == 0
 
 
 async def test_redis_on_a_closed_port_at_connect_does_not_raise(make_cache: MakeCache) -> None:
     cache, encoder, metrics = await make_cache(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     assert redis_errors(metrics, "connect") == 1 and not cache.redis_available
-    matrix = await cache.label_matrix(["a", "b"], TEMPLATES)
+    matrix = await cache.label_matrix(["a", "b"], TEMPLATES, DEADLINE)
     np.testing.assert_allclose(matrix[1], expected("b"), atol=1e-6)
     assert len(encoder.calls) == 1
 
@@ -304,18 +325,20 @@ async def test_a_slow_redis_costs_one_timeout_then_is_skipped(make_cache: MakeCa
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
         url = f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
-        cache, encoder, metrics = await make_cache(redis_url=url, redis_timeout_s=0.1, backoff_initial_s=5)
+        cache, encoder, metrics = await make_cache(
+            redis_url=url, redis_timeout_s=0.1, backoff_initial_s=5, clock=manual_clock.monotonic
+        )
         assert redis_errors(metrics, "connect") == 1 and not cache.redis_available
         manual_clock.advance(6)  # past the first backoff: the next call tries Redis once more
         # The Redis timeout bounds the call; without it the read would never return (a hang, caught here).
-        matrix = await asyncio.wait_for(cache.label_matrix(["slow"], TEMPLATES), timeout=30)
+        matrix = await asyncio.wait_for(cache.label_matrix(["slow"], TEMPLATES, DEADLINE), timeout=30)
         np.testing.assert_allclose(matrix[0], expected("slow"), atol=1e-6)
         assert redis_errors(metrics, "mget") == 1 and len(encoder.calls) == 1
         manual_clock.advance(9)  # inside the doubled (10 s) backoff: Redis is not tried, so no new error
-        await asyncio.wait_for(cache.label_matrix(["slow 2"], TEMPLATES), timeout=30)
+        await asyncio.wait_for(cache.label_matrix(["slow 2"], TEMPLATES, DEADLINE), timeout=30)
         assert redis_errors(metrics) == 2 and len(encoder.calls) == 2
         manual_clock.advance(2)  # past it: tried, and failed, once more
-        await asyncio.wait_for(cache.label_matrix(["slow 3"], TEMPLATES), timeout=30)
+        await asyncio.wait_for(cache.label_matrix(["slow 3"], TEMPLATES, DEADLINE), timeout=30)
         assert redis_errors(metrics, "mget") == 2
 
 
@@ -324,27 +347,29 @@ async def test_redis_outage_and_recovery(make_cache: MakeCache, manual_clock: Ma
         # Plain clients do not retry; one retry lets this one reconnect after the restart (as the cache's does).
         raw = aioredis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 1))
         try:
-            cache, _, metrics = await make_cache(redis_url=server.url, backoff_initial_s=1, backoff_max_s=4)
-            await cache.label_matrix(["before"], TEMPLATES)
+            cache, _, metrics = await make_cache(
+                redis_url=server.url, backoff_initial_s=1, backoff_max_s=4, clock=manual_clock.monotonic
+            )
+            await cache.label_matrix(["before"], TEMPLATES, DEADLINE)
             assert await raw.exists(cache.key("before", TEMPLATES)) == 1
 
             server.stop()
             for call in range(20):  # the backoff keeps every call after the first away from the dead Redis
-                matrix = await cache.label_matrix([f"down {call}", "before"], TEMPLATES)
+                matrix = await cache.label_matrix([f"down {call}", "before"], TEMPLATES, DEADLINE)
                 np.testing.assert_allclose(matrix[0], expected(f"down {call}"), atol=1e-6)
             assert redis_errors(metrics) == 1 and redis_errors(metrics, "connect") == 0
             backoffs = [1, 2, 4, 4]  # doubling, capped at backoff_max_s
             for step, backoff in enumerate(backoffs):  # new labels each time: the memory tier must not answer
                 manual_clock.advance(backoff - 0.01)
-                await cache.label_matrix([f"inside {step}"], TEMPLATES)  # still inside the backoff: not tried
+                await cache.label_matrix([f"inside {step}"], TEMPLATES, DEADLINE)  # still inside the backoff: not tried
                 manual_clock.advance(0.02)
-                await cache.label_matrix([f"past {step}"], TEMPLATES)  # past it: tried and failed
+                await cache.label_matrix([f"past {step}"], TEMPLATES, DEADLINE)  # past it: tried and failed
             errors = redis_errors(metrics)
             assert errors == 1 + len(backoffs)
 
             server.start()  # same port: the client reconnects on its own
             manual_clock.advance(4.01)  # past the longest backoff
-            await cache.label_matrix(["after"], TEMPLATES)
+            await cache.label_matrix(["after"], TEMPLATES, DEADLINE)
             assert cache.redis_available and redis_errors(metrics) == errors
             assert await raw.exists(cache.key("after", TEMPLATES)) == 1
         finally:
@@ -355,21 +380,21 @@ async def test_an_encode_failure_reaches_every_waiter_and_is_not_cached(make_cac
     cache, encoder, _ = await make_cache()
     encoder.error, encoder.delay_s = RuntimeError("text engine down"), 0.02
     results = await asyncio.gather(
-        *(cache.label_matrix(["x", "y"], TEMPLATES) for _ in range(3)), return_exceptions=True
+        *(cache.label_matrix(["x", "y"], TEMPLATES, DEADLINE) for _ in range(3)), return_exceptions=True
     )
     assert all(isinstance(r, RuntimeError) and str(r) == "text engine down" for r in results)
     assert len(encoder.calls) == 1
 
     encoder.error = None
-    matrix = await cache.label_matrix(["x", "y"], TEMPLATES)
+    matrix = await cache.label_matrix(["x", "y"], TEMPLATES, DEADLINE)
     np.testing.assert_allclose(matrix, np.stack([expected("x"), expected("y")]), atol=1e-6)
     assert len(encoder.calls) == 2
 
 
 async def test_an_encoder_returning_the_wrong_shape_is_an_error(make_cache: MakeCache) -> None:
-    async def broken(prompts: list[str]) -> np.ndarray:
+    async def broken(prompts: list[str], deadline: Deadline) -> np.ndarray:
         return np.zeros((len(prompts), DIM + 1), np.float32)
 
     cache, _, _ = await make_cache(encode=broken)
     with pytest.raises(ValueError, match="shape"):
-        await cache.label_matrix(["a"], TEMPLATES)
+        await cache.label_matrix(["a"], TEMPLATES, DEADLINE)

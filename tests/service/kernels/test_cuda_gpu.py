@@ -14,10 +14,10 @@ import functools
 import numpy as np
 import pytest
 
+from models.scoring import Scoring, cosines, ranked
 from service.gpu.device_array import DeviceArray
 from service.gpu.similarity import CudaSimilarity, LabelSet
 from service.kernels.build import build
-from service.similarity import Scoring, cosines, ranked
 from tests.gpu import requires_gpu
 
 pytestmark = requires_gpu

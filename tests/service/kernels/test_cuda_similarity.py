@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.scoring import Scoring, cosines, ranked
 from service.gpu.device_array import DeviceArray, bfloat16_bits, widen_to_float32
 from service.gpu.similarity import MAX_TOP_K, CudaSimilarity, LabelSet, row_stride
 from service.kernels.build import build
-from service.similarity import Scoring, cosines, ranked
 from tests.gpu import cuda_available
 from tests.service.kernels.host_kernels import FakeCublas, HostMemoryDriver, HostRowKernel, nvcc_or_skip
 

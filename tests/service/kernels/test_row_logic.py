@@ -1,7 +1,7 @@
 """The similarity kernel's row logic (softmax, radix top-k, ties), compiled for the host, against numpy.
 
 The code under test is service/kernels/similarity.cuh, run by a block of host threads (host_block.cu) exactly as
-a CUDA block runs it; the reference is the CPU path, service/similarity.py.
+a CUDA block runs it; the reference is the CPU path, models/scoring.py.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.similarity import Scoring, ranked
+from models.scoring import Scoring, ranked
 from tests.service.kernels.host_kernels import HostRowKernel
 
 SOFTMAX, SIGMOID = 0, 1

@@ -1,4 +1,9 @@
-"""Scores of images against a label set, on the CPU with numpy (DESIGN.md's CPU similarity path)."""
+"""The one scoring recipe: cosines -> probabilities the way the model was trained, in numpy.
+
+The service's CPU path, the export parity gate, the demo evaluation and the tests all score through this
+module (the CUDA kernel in service/kernels is checked against it), so there is one definition of how a
+model's logit scale, bias and activation turn similarities into probabilities.
+"""
 
 from __future__ import annotations
 

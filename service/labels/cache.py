@@ -1,0 +1,122 @@
+"""Label vectors, computed once: the memory tier in front of the Redis tier shared by all replicas, and
+single-flight so that concurrent requests never encode the same label twice.
+
+A label's vector depends only on (model, templates, label): models.templates.ensemble of the text embeddings
+of the label put through each template (CLIP §3.1.4). Keys are `{namespace}:{templates digest}:{label digest}`,
+and the app's `namespace` (e.g. "clipserve:v1:<manifest hash16>:fp32") carries the model's content hash and
+precision, so a new model or precision never reads an old one's vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+
+import numpy as np
+
+from models.templates import apply_templates, ensemble
+from service.deadline import Deadline
+from service.labels.memory import MemoryTier, frozen
+from service.labels.redis_tier import RedisTier
+from service.labels.single_flight import SingleFlight
+from service.metrics import Metrics
+
+# prompts -> [N, D] float32, L2-normalised rows (the service's TextEncoder: tokenizer + batched text engine).
+EncodePrompts = Callable[[list[str], Deadline], Awaitable[np.ndarray]]
+
+_DIGEST_CHARS = 16  # 64 bits of sha256: collisions are not a practical concern at label-set sizes.
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:_DIGEST_CHARS]
+
+
+class LabelCache:
+    def __init__(
+        self,
+        *,
+        namespace: str,
+        dim: int,
+        encode: EncodePrompts,
+        metrics: Metrics,
+        memory: MemoryTier,
+        redis: RedisTier | None = None,
+    ) -> None:
+        self.namespace, self.dim, self._encode, self._metrics = namespace, dim, encode, metrics
+        self.memory, self.redis = memory, redis
+        self._flight: SingleFlight[str, np.ndarray] = SingleFlight()
+
+    async def connect(self) -> None:
+        if self.redis is not None:
+            await self.redis.connect()
+
+    async def close(self) -> None:
+        await self._flight.close()
+        if self.redis is not None:
+            await self.redis.close()
+
+    @property
+    def redis_available(self) -> bool:
+        return self.redis is not None and self.redis.available
+
+    def key(self, label: str, templates: Sequence[str]) -> str:
+        return self._key(self._templates_digest(tuple(templates)), label)
+
+    def _templates_digest(self, templates: tuple[str, ...]) -> str:
+        # JSON, not a separator join: templates may contain any character (even NUL) and must not collide.
+        return _digest(json.dumps(templates, ensure_ascii=False))
+
+    def _key(self, templates_digest: str, label: str) -> str:
+        return f"{self.namespace}:{templates_digest}:{_digest(label)}"
+
+    async def label_matrix(self, labels: Sequence[str], templates: Sequence[str], deadline: Deadline) -> np.ndarray:
+        """[C, D] float32, row i the vector of labels[i]; raises only what `encode` raises."""
+        templates = tuple(templates)
+        if not templates:
+            raise ValueError("templates must not be empty")  # the mean of no embeddings is undefined
+        tdigest = self._templates_digest(templates)
+        keys = [self._key(tdigest, label) for label in labels]
+        label_of = dict(zip(keys, labels, strict=True))  # distinct keys, in request order
+        found: dict[str, np.ndarray] = {}
+        for key in label_of:
+            vector = self.memory.get(key)
+            self._metrics.cache_lookups.labels("memory", "miss" if vector is None else "hit").inc()
+            if vector is not None:
+                found[key] = vector
+        missing = [key for key in label_of if key not in found]
+        if missing:
+
+            async def resolve(owned: list[str]) -> dict[str, np.ndarray]:
+                # Runs under this call's deadline even when later calls wait for it too: they share the
+                # request timeout, so the work ends at most their arrival gap before they would give up.
+                return await self._resolve(templates, {key: label_of[key] for key in owned}, deadline)
+
+            found.update(await self._flight.get(missing, resolve))
+        if not keys:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([found[key] for key in keys])
+
+    async def _resolve(self, templates: tuple[str, ...], owned: dict[str, str], deadline: Deadline) -> dict:
+        """Vectors for `owned` (key -> label) from Redis, or encoded; every one lands in the memory tier."""
+        vectors = await self.redis.get_many(list(owned)) if self.redis is not None else {}
+        missing = [key for key in owned if key not in vectors]
+        fresh: dict[str, np.ndarray] = {}
+        if missing:
+            encoded = await self._encode_labels(templates, [owned[key] for key in missing], deadline)
+            fresh = dict(zip(missing, encoded, strict=True))
+        vectors.update(fresh)
+        for key, vector in vectors.items():
+            self.memory.put(key, vector)
+        if fresh and self.redis is not None:
+            # Written before the callers get their answer: one pipelined write is small next to the encoding
+            # that a miss already paid for, and a caller that has its vectors knows other replicas can read them.
+            await self.redis.set_many(fresh)
+        return vectors
+
+    async def _encode_labels(self, templates: tuple[str, ...], labels: list[str], deadline: Deadline) -> list:
+        prompts = [prompt for label in labels for prompt in apply_templates(templates, label)]
+        embeddings = np.asarray(await self._encode(prompts, deadline), dtype=np.float32)
+        if embeddings.shape != (len(prompts), self.dim):
+            raise ValueError(f"encode returned shape {embeddings.shape}, expected {(len(prompts), self.dim)}")
+        return [frozen(row) for row in ensemble(embeddings, len(labels))]
