@@ -57,15 +57,13 @@ class DynamicBatcher:
         max_wait_ms: float,
         max_queue: int,
         metrics: Metrics,
-        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
         self.name, self._run, self._metrics = name, run, metrics
         self.max_batch_size, self.max_queue, self._max_wait_s = max_batch_size, max_queue, max_wait_ms / 1000
         # One thread of our own: engine calls stay off the event loop and never overlap.
-        self._owns_executor = executor is None
-        self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
         self._queue: deque[_Item] = deque()
         self._depth = 0
         self._arrived = asyncio.Event()
@@ -73,12 +71,7 @@ class DynamicBatcher:
         self._in_engine = False
         self._worker: asyncio.Task[None] | None = None
         self._stopping = False
-        self._calls = 0
         metrics.queue_depth.labels(name).set(0)
-
-    @property
-    def engine_calls(self) -> int:
-        return self._calls
 
     @property
     def depth(self) -> int:
@@ -97,8 +90,7 @@ class DynamicBatcher:
         self._arrived.set()
         if self._worker is not None:
             await asyncio.wait({self._worker})  # not `await task`: a worker cancelled elsewhere must not raise here
-        if self._owns_executor:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, rows: np.ndarray, *, deadline: float) -> Any:
         """Queue `rows` [n, ...] and return the engine's output rows for them, aligned one for one."""
@@ -215,7 +207,6 @@ class DynamicBatcher:
                 # Every caller has gone (cancelled or timed out): the remaining chunks would only delay others.
                 raise _Abandoned
             chunk = inputs[start : start + self.max_batch_size]
-            self._calls += 1
             self._metrics.batch_size.labels(self.name).observe(len(chunk))
             began = time.perf_counter()
             try:

@@ -8,11 +8,13 @@ import io
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 import uvicorn
 from PIL import Image, ImageDraw
 
@@ -59,8 +61,33 @@ def live_server(**overrides: object) -> Iterator[tuple[object, str]]:
 
 @pytest.fixture
 async def demo():
+    """A demo app of the test's own: for tests that change it or read its counters as absolute values."""
     async with running_app() as (app, client):
         yield app, client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def shared_demo():
+    """One demo app for a whole module, for tests that only read it (no settings, keys or absolute counters).
+
+    Its tests must run in the module's event loop: `pytest.mark.asyncio(loop_scope="module")`.
+    """
+    async with running_app() as (app, client):
+        yield app, client
+
+
+def engine_calls(app: Any, engine: str = "text") -> int:
+    """Engine calls the app's `engine` batcher has made so far, as its metrics count them."""
+    return int(app.state.metrics.value("clipserve_batch_size_count", {"engine": engine}))
+
+
+async def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    """Poll until `condition()` holds. The bound only turns a hang into a failure; it never paces the test."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting after {timeout_s:g} s: {what}")
+        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

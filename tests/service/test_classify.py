@@ -16,7 +16,10 @@ from models.templates import PRESETS, apply_templates
 from models.tokenizer import ClipTokenizer
 from service.model import model_directory
 from service.settings import Settings
-from tests.service.conftest import b64, live_server, running_app, shape_png
+from tests.service.conftest import b64, engine_calls, live_server, running_app, shape_png
+
+# The demo app is shared by the tests that only read it (`shared_demo`); the rest start their own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 LABELS = ["red circle", "blue triangle", "green square", "yellow hexagon"]
 
@@ -44,8 +47,8 @@ def _direct_probabilities(png: bytes, labels: list[str], templates: tuple[str, .
 
 
 @pytest.mark.parametrize("templates", ["imagenet", "bare", ["a drawing of a {}.", "{} on grey"]])
-async def test_probabilities_equal_a_direct_computation(demo, templates):
-    _, client = demo
+async def test_probabilities_equal_a_direct_computation(shared_demo, templates):
+    _, client = shared_demo
     png = shape_png("triangle", "blue")
     response = await client.post("/classify", json={"images": [b64(png)], "labels": LABELS, "templates": templates})
     assert response.status_code == 200, response.text
@@ -63,8 +66,8 @@ async def test_probabilities_equal_a_direct_computation(demo, templates):
     assert set(body["timing"]) == {"total_ms", "images_ms", "labels_ms", "similarity_ms"}
 
 
-async def test_the_demo_model_gets_easy_images_right(demo):
-    _, client = demo
+async def test_the_demo_model_gets_easy_images_right(shared_demo):
+    _, client = shared_demo
     images = [b64(shape_png(shape, colour)) for shape, colour in [("triangle", "blue"), ("circle", "red")]]
     response = await client.post("/classify", json={"images": images, "labels": LABELS, "top_k": 2})
     assert response.status_code == 200, response.text
@@ -82,8 +85,8 @@ async def test_the_demo_model_gets_easy_images_right(demo):
     ],
     ids=["repeated", "json-list", "comma-separated"],
 )
-async def test_multipart_upload(demo, labels_fields):
-    _, client = demo
+async def test_multipart_upload(shared_demo, labels_fields):
+    _, client = shared_demo
     files = [("image", ("shape.png", shape_png("triangle", "blue"), "image/png"))]
     response = await client.post("/classify", files=files, data={**labels_fields, "top_k": "3"})
     assert response.status_code == 200, response.text
@@ -92,8 +95,8 @@ async def test_multipart_upload(demo, labels_fields):
     assert ranked[0] == "blue triangle"
 
 
-async def test_multipart_and_json_agree(demo):
-    _, client = demo
+async def test_multipart_and_json_agree(shared_demo):
+    _, client = shared_demo
     png = shape_png("square", "green")
     multipart = await client.post(
         "/classify", files=[("image", ("a.png", png, "image/png"))], data={"labels": json.dumps(LABELS)}
@@ -111,8 +114,7 @@ async def test_concurrent_requests_share_engine_calls():
             labels_a, labels_b = LABELS, ["circle", "triangle", "square"]
             await client.post("/classify", json={"images": [b64(shape_png())], "labels": labels_a})  # warm labels
             await client.post("/classify", json={"images": [b64(shape_png())], "labels": labels_b})
-            batcher = app.state.pipeline.image_batcher
-            calls_before = batcher.engine_calls
+            calls_before = engine_calls(app, "image")
             pngs = [shape_png(s, c) for s in ("triangle", "circle", "square", "hexagon") for c in ("red", "blue")] * 4
             responses = await asyncio.gather(
                 *(
@@ -121,7 +123,7 @@ async def test_concurrent_requests_share_engine_calls():
                 )
             )
             assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
-            calls = batcher.engine_calls - calls_before
+            calls = engine_calls(app, "image") - calls_before
             metrics = app.state.metrics
             histogram = {
                 bucket: metrics.value("clipserve_batch_size_bucket", {"engine": "image", "le": bucket})
@@ -131,8 +133,8 @@ async def test_concurrent_requests_share_engine_calls():
             assert calls <= 8
 
 
-async def test_top_k_and_duplicate_labels(demo):
-    _, client = demo
+async def test_top_k_and_duplicate_labels(shared_demo):
+    _, client = shared_demo
     response = await client.post(
         "/classify", json={"images": [b64(shape_png())], "labels": ["blue triangle", "blue triangle", "red circle"]}
     )

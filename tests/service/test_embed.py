@@ -9,13 +9,17 @@ import pytest
 
 from tests.service.conftest import b64, live_server, shape_png
 
+# The async tests only read the app, so they share one demo app, in the module's event loop.
+shared_loop = pytest.mark.asyncio(loop_scope="module")
+
 
 def _vectors(items) -> np.ndarray:
     return np.array([np.frombuffer(base64.b64decode(i), "<f4") if isinstance(i, str) else i for i in items])
 
 
-async def test_embed_images_and_texts(demo):
-    _, client = demo
+@shared_loop
+async def test_embed_images_and_texts(shared_demo):
+    _, client = shared_demo
     body = {"images": [b64(shape_png()), b64(shape_png("circle", "red"))], "texts": ["a blue triangle", "red circle"]}
     response = await client.post("/embed", json=body)
     assert response.status_code == 200, response.text
@@ -31,8 +35,9 @@ async def test_embed_images_and_texts(demo):
     np.testing.assert_array_equal(_vectors(as_base64.json()["images"]), images.astype(np.float32))
 
 
-async def test_embed_with_templates_gives_the_classify_label_vectors(demo):
-    _, client = demo
+@shared_loop
+async def test_embed_with_templates_gives_the_classify_label_vectors(shared_demo):
+    _, client = shared_demo
     png = shape_png()
     labels = ["blue triangle", "red circle"]
     embedded = await client.post("/embed", json={"images": [b64(png)], "texts": labels, "templates": "imagenet"})
@@ -44,14 +49,16 @@ async def test_embed_with_templates_gives_the_classify_label_vectors(demo):
         assert scores[label] == pytest.approx(float(cosines[0, i]), abs=1e-5)
 
 
-async def test_embed_needs_something(demo):
-    _, client = demo
+@shared_loop
+async def test_embed_needs_something(shared_demo):
+    _, client = shared_demo
     response = await client.post("/embed", json={})
     assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_input"
 
 
-async def test_models_and_probes(demo):
-    _, client = demo
+@shared_loop
+async def test_models_and_probes(shared_demo):
+    _, client = shared_demo
     models = (await client.get("/v1/models")).json()
     (card,) = models["data"]
     assert card["id"] == "clipserve-demo" and card["embed_dim"] == 64 and card["activation"] == "softmax"
@@ -72,6 +79,15 @@ async def test_models_and_probes(demo):
         "clipserve_engine_info",
     ):
         assert name in metrics, name
+
+
+@shared_loop
+async def test_over_long_texts_are_refused(shared_demo):
+    _, client = shared_demo
+    response = await client.post("/embed", json={"texts": ["ok", "x" * 2001]})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "texts[1]"
+    response = await client.post("/v1/embeddings", json={"input": "x" * 2001})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "input[0]"
 
 
 def test_openai_client_embeddings_over_http():

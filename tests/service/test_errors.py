@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.engines.onnxruntime import OnnxRuntimeEngine
-from tests.service.conftest import b64, running_app, shape_png
+from tests.service.conftest import b64, running_app, shape_png, wait_until
+
+# Tests that only read the app share one (`shared_demo`); tests that change settings or count requests start
+# their own with `running_app`, in the same module-scoped event loop.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 LABELS = ["red circle", "blue triangle"]
 
@@ -96,27 +100,43 @@ CASES = [
 
 
 @pytest.mark.parametrize(("body", "status", "code", "param"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-async def test_bad_json_requests(demo, body, status, code, param):
-    _, client = demo
+async def test_bad_json_requests(shared_demo, body, status, code, param):
+    _, client = shared_demo
     _assert_error(await client.post("/classify", json=body), status, code, param)
     await _still_serving(client)
 
 
-async def test_malformed_json_is_a_400(demo):
-    _, client = demo
+@pytest.mark.parametrize("template", ["{[{}]}", "{0.real} {}", "{!r} {}"])
+async def test_templates_that_format_cannot_use_are_a_422(shared_demo, template):
+    _, client = shared_demo
+    response = await client.post(
+        "/classify", json={"images": [b64(shape_png())], "labels": LABELS, "templates": [template]}
+    )
+    assert response.status_code == 422 and response.json()["error"]["param"] == "templates"
+
+
+async def test_too_many_prompts_is_a_422():
+    async with running_app(max_prompts=500) as (_, client):
+        body = {"images": [b64(shape_png())], "labels": [f"l{i}" for i in range(100)], "templates": "simple"}
+        response = await client.post("/classify", json=body)  # 100 x 7 = 700 prompts
+        assert response.status_code == 422 and "700 prompts" in response.json()["error"]["message"]
+
+
+async def test_malformed_json_is_a_400(shared_demo):
+    _, client = shared_demo
     response = await client.post("/classify", content=b"{not json", headers={"content-type": "application/json"})
     _assert_error(response, 400, "invalid_request")
     await _still_serving(client)
 
 
-async def test_wrong_content_type_is_a_415(demo):
-    _, client = demo
+async def test_wrong_content_type_is_a_415(shared_demo):
+    _, client = shared_demo
     response = await client.post("/classify", content=b"hello", headers={"content-type": "text/plain"})
     _assert_error(response, 415, "unsupported_media_type")
 
 
-async def test_multipart_non_image_part_is_a_415(demo):
-    _, client = demo
+async def test_multipart_non_image_part_is_a_415(shared_demo):
+    _, client = shared_demo
     files = [("image", ("notes.txt", b"hello", "text/plain"))]
     _assert_error(await client.post("/classify", files=files, data={"labels": "a,b"}), 415, "unsupported_media_type")
     missing = await client.post("/classify", data={"labels": "a,b"}, files=[("other", ("x", b"1", "image/png"))])
@@ -128,6 +148,14 @@ async def test_multipart_non_image_part_is_a_415(demo):
     await _still_serving(client)
 
 
+@pytest.mark.parametrize("top_k", ["²", "9" * 5000, "1.5", "-2"])
+async def test_multipart_top_k_that_is_not_a_plain_number_is_a_422(shared_demo, top_k):
+    _, client = shared_demo
+    files = [("image", ("a.png", shape_png(), "image/png"))]
+    response = await client.post("/classify", files=files, data={"labels": "a,b", "top_k": top_k})
+    assert response.status_code == 422 and response.json()["error"]["param"] == "top_k"
+
+
 async def test_body_and_pixel_limits_are_413():
     async with running_app(max_body_mb=0.05, max_image_pixels=40_000) as (_, client):
         big_body = {"images": [b64(b"x" * 100_000)], "labels": LABELS}
@@ -137,14 +165,38 @@ async def test_body_and_pixel_limits_are_413():
         await _still_serving(client)
 
 
+async def test_body_errors_on_pydantic_routes_keep_their_status():
+    async with running_app(max_body_mb=0.1) as (_, client):
+
+        async def chunked():  # no Content-Length: the limit can only be enforced while reading
+            yield b'{"texts": ["'
+            for _ in range(4):
+                yield b"a" * 50_000
+            yield b'"]}'
+
+        for path in ("/embed", "/v1/embeddings", "/classify"):
+            response = await client.post(path, content=chunked(), headers={"content-type": "application/json"})
+            assert response.status_code == 413, (path, response.text)
+            assert response.json()["error"]["code"] == "payload_too_large"
+        not_utf8 = await client.post(
+            "/embed", content=b'{"texts": ["\xff"]}', headers={"content-type": "application/json"}
+        )
+        assert not_utf8.status_code in (400, 422) and not_utf8.json()["error"]["code"] in (
+            "invalid_request",
+            "invalid_input",
+        )
+        no_boundary = await client.post("/classify", content=b"x", headers={"content-type": "multipart/form-data"})
+        assert no_boundary.status_code == 400 and no_boundary.json()["error"]["code"] == "invalid_request"
+
+
 async def test_too_many_images_is_a_422():
     async with running_app(max_images=2) as (_, client):
         body = {"images": [b64(shape_png())] * 3, "labels": LABELS}
         _assert_error(await client.post("/classify", json=body), 422, "invalid_input", "images")
 
 
-async def test_unknown_route_and_method_use_the_error_shape(demo):
-    _, client = demo
+async def test_unknown_route_and_method_use_the_error_shape(shared_demo):
+    _, client = shared_demo
     _assert_error(await client.get("/nope"), 404, "not_found")
     _assert_error(await client.get("/classify"), 405, "method_not_allowed")
 
@@ -156,6 +208,7 @@ class _Gate:
         self.closed = threading.Event()
         self.opened = threading.Event()
         self.held = threading.Event()  # an engine call is waiting at the closed gate
+        self.timed_out = threading.Event()  # a held call gave up waiting for the test to open the gate
 
     def close(self) -> None:
         self.opened.clear()
@@ -175,7 +228,8 @@ def image_gate(monkeypatch):
     def gated(self, inputs: np.ndarray) -> np.ndarray:
         if self.role == "image" and gate.closed.is_set():
             gate.held.set()
-            gate.opened.wait(timeout=30)
+            if not gate.opened.wait(timeout=30):
+                gate.timed_out.set()
         return real_call(self, inputs)
 
     monkeypatch.setattr(OnnxRuntimeEngine, "__call__", gated)
@@ -184,8 +238,6 @@ def image_gate(monkeypatch):
 
 
 async def test_overload_is_a_503_with_retry_after(image_gate):
-    import asyncio
-
     async with running_app(max_batch_size=1, max_wait_ms=0, max_queue=2) as (app, client):
         body = {"images": [b64(shape_png())], "labels": LABELS}
         await _still_serving(client)  # label vectors cached: only the image engine is in the way
@@ -195,13 +247,13 @@ async def test_overload_is_a_503_with_retry_after(image_gate):
         tasks = [asyncio.create_task(client.post("/classify", json=body))]
         assert await asyncio.to_thread(image_gate.held.wait, 30)
         tasks += [asyncio.create_task(client.post("/classify", json=body)) for _ in range(7)]
-        # Two fit in the queue; wait (polling, not a fixed sleep) until the other five have been refused.
+        # Wait until each of the seven is either queued or refused, so a bound off by one either way shows below.
         refused = {"engine": "image", "reason": "queue_full"}
-        for _ in range(600):
-            if app.state.metrics.value("clipserve_rejected_total", refused) >= 5:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.1)  # a sixth refusal, were the bound off by one, would show up here
+        batcher = app.state.pipeline.image_batcher
+        await wait_until(
+            lambda: app.state.metrics.value("clipserve_rejected_total", refused) + batcher.depth == 7,
+            "all seven requests queued or refused",
+        )
         image_gate.open()
         responses = await asyncio.gather(*tasks)
         statuses = sorted(r.status_code for r in responses)
@@ -216,10 +268,10 @@ async def test_overload_is_a_503_with_retry_after(image_gate):
 async def test_missed_deadline_is_a_504(image_gate):
     async with running_app(request_timeout_s=0.5) as (_, client):
         image_gate.close()
-        started = time.monotonic()
         response = await client.post("/classify", json={"images": [b64(shape_png())], "labels": LABELS})
         _assert_error(response, 504, "deadline_exceeded")
-        assert time.monotonic() - started < 10
+        # Answered while the engine still held the image (or before it got there), not after the gate gave up.
+        assert not image_gate.timed_out.is_set()
         image_gate.open()
         await _still_serving(client)
 
@@ -237,11 +289,11 @@ async def test_api_keys():
         assert (await client.get("/metrics")).status_code == 200
 
 
-async def test_errors_are_counted_by_route_and_status(demo):
-    app, client = demo
-    await client.post("/classify", json={"images": [b64(b"nope")], "labels": LABELS})
-    value = app.state.metrics.value("clipserve_requests_total", {"route": "/classify", "status": "422"})
-    assert value == 1
-    text = (await client.get("/metrics")).text
-    assert 'clipserve_requests_total{route="/classify",status="422"} 1.0' in text
-    assert json.loads(json.dumps(text.count("clipserve_")))  # non-empty exposition
+async def test_errors_are_counted_by_route_and_status():
+    async with running_app() as (app, client):  # an app of its own: the counts below are absolute
+        await client.post("/classify", json={"images": [b64(b"nope")], "labels": LABELS})
+        value = app.state.metrics.value("clipserve_requests_total", {"route": "/classify", "status": "422"})
+        assert value == 1
+        text = (await client.get("/metrics")).text
+        assert 'clipserve_requests_total{route="/classify",status="422"} 1.0' in text
+        assert json.loads(json.dumps(text.count("clipserve_")))  # non-empty exposition
