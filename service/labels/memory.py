@@ -34,6 +34,3 @@ class MemoryTier:
         if size > self.max_bytes or key in self._lru:
             return  # too big for the whole tier (or the tier is off), or already there
         self._lru[key] = _Entry(vector, size)  # evicts the least recently used entries until it fits
-
-    def __len__(self) -> int:
-        return len(self._lru)

@@ -10,9 +10,9 @@ import pytest
 from models.templates import SIMPLE_7
 from service import schemas
 from service.batcher import DynamicBatcher
-from service.errors import InvalidInput
+from service.errors import InvalidInput, NotFound
 from service.images import ImageInput
-from service.inputs import ClassifyInput, EmbedInput, Served, validated
+from service.inputs import ClassifyInput, EmbeddingsInput, EmbedInput, Served, validated
 from service.settings import Settings
 from tests.service.conftest import b64, running_app, shape_png
 
@@ -120,3 +120,45 @@ async def test_base64_images_are_decoded_off_the_event_loop(monkeypatch: pytest.
         assert (await client.post("/classify", files=files, data={"labels": "a,b"})).status_code == 200
     assert len(threads) == 3 and threading.main_thread().name not in threads
     assert all(name.startswith("clipserve-decode") for name in threads)
+
+
+def test_embeddings_input_checks_model_dimensions_and_emptiness() -> None:
+    context = _served(max_texts=2)
+    fields = {"inputs": ["a"], "model": None, "dimensions": None, "encoding_format": "float"}
+    assert validated(EmbeddingsInput, fields, context).texts == ["a"]
+    with pytest.raises(NotFound):
+        validated(EmbeddingsInput, fields | {"model": "another"}, context)
+    assert _refusal(EmbeddingsInput, fields | {"dimensions": 65}, context).param == "dimensions"
+    assert _refusal(EmbeddingsInput, fields | {"inputs": []}, context).param == "input"
+    assert "3 texts" in _refusal(EmbeddingsInput, fields | {"inputs": ["a", "b", "c"]}, context).message
+    assert (
+        _refusal(
+            EmbedInput, {"images": [], "texts": [], "templates": ["{}"], "encoding_format": "float"}, context
+        ).param
+        == "images"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "param", "message"),
+    [
+        ({"labels": "[not json"}, "labels", "not a valid JSON list"),
+        ({"labels": '["a", 1]'}, "labels", "JSON list of strings"),
+        ({"labels": "a,b", "templates": '{"a": 1}'}, "templates", None),  # not a list: a (bad) preset name
+        ({"labels": "a,b", "templates": "[1]"}, "templates", "JSON list of strings"),
+        ({"labels": "a,b", "image": "not a file"}, "image[0]", "must be a file upload"),
+    ],
+)
+async def test_multipart_fields_are_checked_like_json(data: dict, param: str, message: str | None) -> None:
+    async with running_app() as (_, client):
+        # A text field named `image` instead of a file: an unrelated file part keeps the body multipart.
+        file = ("other", ("a.txt", b"x", "text/plain")) if "image" in data else ("image", ("a.png", shape_png()))
+        response = await client.post("/classify", files=[file], data=data)
+        assert response.status_code == 422, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and (message is None or message in error["message"])
+
+
+def test_input_models_need_the_served_context() -> None:
+    with pytest.raises(TypeError, match="context"):
+        ClassifyInput.model_validate({"images": [], "labels": ["a"], "templates": None, "top_k": None})
