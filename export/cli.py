@@ -1,27 +1,29 @@
 """`clipserve export`: one model in, one gated model directory (and optionally a Triton repository) out.
 
 Registered into the `clipserve` CLI through the `clipserve.commands` entry point, so the service never
-imports this package; torch and the model loaders are imported only when the command runs.
+imports this package; torch and the model loaders are imported only when the command runs. The CLIPSERVE_*
+variables both commands read come from `models.settings.SharedSettings`, the model the service's settings extend.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
 
 import typer
 
+from models.demo.config import EXPORT_NAME
 from models.extras import needs_extras
+from models.settings import SharedSettings, read_settings
 
-REPOSITORY_ENV = "CLIPSERVE_MODEL_REPOSITORY"  # the same variable the service reads
 DEFAULT_REPOSITORY = Path("model-repository")
-DEMO_NAME = "clipserve-demo"
 
 
-def default_repository() -> Path:
-    return Path(os.environ.get(REPOSITORY_ENV) or DEFAULT_REPOSITORY)
+def default_repository(settings: SharedSettings) -> Path:
+    """Where `clipserve export` writes: CLIPSERVE_MODEL_REPOSITORY, else ./model-repository (not the built-in demo
+    repository the service falls back to, which is part of the package)."""
+    return settings.model_repository or DEFAULT_REPOSITORY
 
 
 def default_name(model: str | None, pretrained: str | None, checkpoint: Path | None, hf_dir: Path | None) -> str:
@@ -54,13 +56,13 @@ def export_command(
         "onnx,onnx-fp16,onnx-int8", help="Comma-separated: onnx, onnx-fp16, onnx-int8, tensorrt."
     ),
     repository: Path | None = typer.Option(
-        None, help=f"Model repository (default: ${REPOSITORY_ENV}, else ./{DEFAULT_REPOSITORY})."
+        None, help=f"Model repository (default: $CLIPSERVE_MODEL_REPOSITORY, else ./{DEFAULT_REPOSITORY})."
     ),
     triton: Path | None = typer.Option(None, help="Also write a Triton Inference Server repository here."),
-    max_batch_size: int = typer.Option(
-        32,
-        envvar="CLIPSERVE_MAX_BATCH_SIZE",
-        help="The service's max batch: TensorRT's optimisation batch and Triton's max_batch_size.",
+    max_batch_size: int | None = typer.Option(
+        None,
+        help="The service's max batch: TensorRT's optimisation batch and Triton's max_batch_size "
+        "(default: $CLIPSERVE_MAX_BATCH_SIZE, else 32).",
     ),
     trt_max_batch: int = typer.Option(64, help="Largest batch a TensorRT engine accepts."),
     trt_precision: str = typer.Option("fp16", help="TensorRT engine precision: fp16, bf16 or fp32."),
@@ -68,6 +70,8 @@ def export_command(
     report: Path | None = typer.Option(None, help="Also write the parity report as Markdown here."),
 ) -> None:
     """Export a CLIP model to ONNX (fp32, fp16, int8) and TensorRT, gated on parity with PyTorch."""
+    settings = read_settings(SharedSettings, "export")
+    max_batch_size = settings.max_batch_size if max_batch_size is None else max_batch_size
     from export import pipeline
 
     sources = [model is not None, hf_dir is not None, demo]
@@ -79,7 +83,7 @@ def export_command(
         format_list = pipeline.parse_formats(formats)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    name = name or (DEMO_NAME if demo else default_name(model, pretrained, checkpoint, hf_dir))
+    name = name or (EXPORT_NAME if demo else default_name(model, pretrained, checkpoint, hf_dir))
     try:
         pipeline.check_name(name)
     except ValueError as error:
@@ -90,7 +94,7 @@ def export_command(
     from models import zoo
 
     loaded, task = _load(zoo, model, pretrained, checkpoint, hf_dir, demo, model_config)
-    target_repository = repository or default_repository()
+    target_repository = repository or default_repository(settings)
     _echo(f"exporting {loaded.name} as {name} into {target_repository} ({', '.join(format_list)})")
     trt_options = pipeline.TensorRTOptions(
         precision=trt_precision, opt_batch=max_batch_size, max_batch=trt_max_batch, timing_cache=timing_cache
@@ -123,7 +127,7 @@ def export_command(
 
 
 def _require_tensorrt() -> None:
-    from export.tensorrt_build import TensorRTUnavailableError, load_tensorrt
+    from models.extras import TensorRTUnavailableError, load_tensorrt
 
     try:
         load_tensorrt()
@@ -151,16 +155,21 @@ def _load(zoo, model, pretrained, checkpoint, hf_dir, demo, model_config):  # ty
 
 def build_engines_command(
     repository: Path | None = typer.Option(
-        None, envvar=REPOSITORY_ENV, help="Model repository (default: the built-in demo repository, as the service)."
+        None,
+        help="Model repository (default: $CLIPSERVE_MODEL_REPOSITORY, else the built-in demo repository, as the "
+        "service).",
     ),
     model: str | None = typer.Option(
-        None, envvar="CLIPSERVE_MODEL", help="Model name in it (default: the only model there, as the service)."
+        None, help="Model name in it (default: $CLIPSERVE_MODEL, else the only model there, as the service)."
     ),
-    precision: str = typer.Option(
-        "fp16", envvar="CLIPSERVE_TENSORRT_PRECISION", help="Precision of the plans: fp16, bf16 (Ampere+) or fp32."
+    precision: str | None = typer.Option(
+        None,
+        help="Precision of the plans: fp16, bf16 (Ampere+) or fp32 (default: $CLIPSERVE_TENSORRT_PRECISION, else "
+        "fp16).",
     ),
-    max_batch_size: int = typer.Option(
-        32, envvar="CLIPSERVE_MAX_BATCH_SIZE", help="The service's max batch: the batch TensorRT optimises for."
+    max_batch_size: int | None = typer.Option(
+        None,
+        help="The service's max batch: the batch TensorRT optimises for (default: $CLIPSERVE_MAX_BATCH_SIZE, else 32).",
     ),
     trt_max_batch: int = typer.Option(64, help="Largest batch the engines accept."),
     timing_cache: Path | None = typer.Option(None, help="TensorRT timing cache file (read and updated)."),
@@ -170,13 +179,17 @@ def build_engines_command(
     The gpu image runs this before serving: plans only load on the GPU family and TensorRT release that built
     them, so they are built on the node, once, and kept next to the model on its volume.
     """
-    from export.tensorrt_build import PRECISIONS, EngineBuildError, NoGpuError, TensorRTUnavailableError
+    from export.tensorrt_build import PRECISIONS, EngineBuildError, NoGpuError
     from export.tensorrt_plans import PlanDirectoryError, TensorRTOptions, ensure_plans
+    from models.extras import TensorRTUnavailableError
     from models.manifest import ManifestError
     from models.repository import ModelNotFoundError, model_directory
 
-    if precision not in PRECISIONS:
+    settings = read_settings(SharedSettings, "build-engines")
+    if precision is not None and precision not in PRECISIONS:
         raise typer.BadParameter(f"{precision!r}: choose one of {', '.join(PRECISIONS)}", param_hint="--precision")
+    precision = precision or settings.tensorrt_precision
+    max_batch_size = settings.max_batch_size if max_batch_size is None else max_batch_size
     options = TensorRTOptions(
         precision=precision,
         opt_batch=max_batch_size,
@@ -184,7 +197,7 @@ def build_engines_command(
         timing_cache=timing_cache,
     )
     try:
-        directory = model_directory(repository or None, model or None)  # empty variables mean unset
+        directory = model_directory(repository or settings.model_repository, model or settings.model)
         build, built = ensure_plans(directory, options, progress=_echo)
     # What this machine or model cannot do; ValueError: a precision the GPU or TensorRT release lacks (bf16 before
     # Ampere). Exit 2, like a missing TensorRT, so the entrypoint stops with the reason instead of a traceback.

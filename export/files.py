@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
 import shutil
 import sys
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
 _RENAME_EXCHANGE = 2  # <linux/fs.h>
 RETIRED_ID_LENGTH = 8
+STALE_STAGING_S = 24 * 3600
 
 
 def _exchange(first: Path, second: Path) -> bool:
@@ -95,3 +99,26 @@ def restore_retired(target: Path, must_contain: str) -> Path | None:
     newest = max(candidates, key=lambda path: path.stat().st_mtime)
     newest.rename(target)
     return target
+
+
+@contextlib.contextmanager
+def staged_directory(target: Path, must_contain: str, progress: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """A new, empty directory beside `target` to write into; it replaces `target` when the block completes and is
+    deleted when the block raises, so a failed run leaves the previous `target` as it was.
+
+    Before that, a `target` that a crash left aside is put back (`restore_retired`), and staging directories of
+    killed runs are deleted once a day old (a younger one may belong to a run still going).
+    """
+    if restore_retired(target, must_contain) and progress is not None:
+        progress(f"restored {target.name} from an export that was interrupted while swapping it in")
+    for leftover in target.parent.glob(f".{target.name}.staging-*"):
+        if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
+            shutil.rmtree(leftover, ignore_errors=True)
+    staging = target.with_name(f".{target.name}.staging-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

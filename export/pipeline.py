@@ -11,9 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import re
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from export import graphs, parity, probes
-from export.files import replace_directory, restore_retired
+from export.files import staged_directory
 from export.tensorrt_build import EngineSpec
 from export.tensorrt_plans import TensorRTOptions, build_and_record
 from models.manifest import (
@@ -56,7 +54,6 @@ _LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "open_clip_torch", "
 _LOCAL_PATH_KEYS = ("path", "directory")
 
 Progress = Callable[[str], None]
-STALE_STAGING_S = 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -160,24 +157,12 @@ def export_model(
     formats = parse_formats(formats)
     check_name(name)
     repository.mkdir(parents=True, exist_ok=True)
-    if restore_retired(repository / name, must_contain=MANIFEST_FILE) and progress is not None:
-        progress(f"restored {name} from an export that was interrupted while swapping it in")
-    for leftover in repository.glob(f".{name}.staging-*"):
-        # Left by a killed export; a young one may belong to an export still running, so it stays.
-        if time.time() - leftover.stat().st_mtime > STALE_STAGING_S:
-            shutil.rmtree(leftover, ignore_errors=True)
-    staging = repository / f".{name}.staging-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    target = repository / name
     steps = _Steps(progress)
-    try:
+    with staged_directory(target, must_contain=MANIFEST_FILE, progress=progress) as staging:
         manifest = _Export(model, staging, zero_shot_task, steps).run(name, formats, tensorrt)
         with steps.step("verify manifest and checksums"):
             load_manifest(staging, verify=True)
-        target = repository / name
-        replace_directory(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return ExportResult(target, manifest, time.perf_counter() - steps.started, steps.seconds)
 
 

@@ -29,8 +29,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from models.extras import load_tensorrt
 
 __all__ = [
     "PRECISIONS",
@@ -41,12 +42,10 @@ __all__ = [
     "GpuInfo",
     "NoGpuError",
     "ProfileShapes",
-    "TensorRTUnavailableError",
     "build_engine",
     "build_engines",
     "current_gpu",
     "engine_directory",
-    "load_tensorrt",
     "precision_flags",
     "profile_shapes",
 ]
@@ -61,30 +60,12 @@ BF16_MIN_COMPUTE_CAPABILITY = (8, 0)
 _COMPUTE_CAPABILITY = re.compile(r"^(\d+)\.(\d+)$")
 
 
-class TensorRTUnavailableError(RuntimeError):
-    """The ``tensorrt`` package cannot be imported on this machine."""
-
-
 class NoGpuError(RuntimeError):
     """No CUDA device is visible, so there is nothing to build engines for."""
 
 
 class EngineBuildError(RuntimeError):
     """TensorRT could not parse the ONNX graph or could not build an engine from it."""
-
-
-def load_tensorrt() -> ModuleType:
-    """Import and return the ``tensorrt`` module, or explain why engines cannot be built here."""
-    try:
-        import tensorrt
-    # The wheel imports but then dlopens libnvinfer; a broken CUDA install surfaces as OSError rather than ImportError.
-    except (ImportError, OSError) as error:
-        raise TensorRTUnavailableError(
-            "TensorRT is not installed here (import tensorrt failed: "
-            f"{error}). Building TensorRT engines needs an NVIDIA GPU and `pip install 'clipserve[gpu]'` "
-            "(tensorrt>=10). The ONNX formats (onnx, onnx-fp16, onnx-int8) work without it."
-        ) from error
-    return tensorrt
 
 
 @dataclass(frozen=True)
@@ -188,34 +169,26 @@ def precision_flags(trt: Any, builder: Any, precision: str, gpu: GpuInfo | None 
     """The ``trt.BuilderFlag`` members that let TensorRT pick kernels of `precision`.
 
     fp32 sets nothing. TF32 is on by default in TensorRT, so "fp32" engines may still use TF32 tensor cores on
-    Ampere and newer. fp16 needs a GPU with fast native fp16
-    (``builder.platform_has_fast_fp16``). bf16 needs ``BuilderFlag.BF16`` (TensorRT 9 and 10) and an Ampere or
-    newer GPU (compute capability >= 8.0); pass `gpu` to have that checked here rather than fail deep in the build.
+    Ampere and newer. fp16 needs a GPU with fast native fp16 (``builder.platform_has_fast_fp16``); bf16 an Ampere or
+    newer GPU (compute capability >= 8.0): pass `gpu` to have that checked here rather than fail deep in the build.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown TensorRT precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if precision == "fp32":
         return []
-    if precision == "fp16":
-        flag = getattr(trt.BuilderFlag, "FP16", None)
-        if flag is None:
-            raise ValueError(
-                f"TensorRT {trt.__version__} has no BuilderFlag.FP16 (removed in TensorRT 11, which only builds "
-                "strongly typed networks); build precision 'fp32' from the onnx-fp16 graph instead"
-            )
-        if not builder.platform_has_fast_fp16:
-            raise ValueError(
-                "precision 'fp16' requested but this GPU has no fast native fp16 "
-                "(builder.platform_has_fast_fp16 is False); build with precision 'fp32'"
-            )
-        return [flag]
-    flag = getattr(trt.BuilderFlag, "BF16", None)
+    name = precision.upper()
+    flag = getattr(trt.BuilderFlag, name, None)
     if flag is None:
         raise ValueError(
-            f"precision 'bf16' needs BuilderFlag.BF16, which TensorRT {trt.__version__} does not have "
-            "(it exists in TensorRT 9 and 10); use precision 'fp16' or 'fp32'"
+            f"TensorRT {trt.__version__} has no BuilderFlag.{name} (removed in TensorRT 11, which only builds "
+            "strongly typed networks); build precision 'fp32' from the onnx-fp16 graph instead"
         )
-    if gpu is not None and gpu.capability < BF16_MIN_COMPUTE_CAPABILITY:
+    if precision == "fp16" and not builder.platform_has_fast_fp16:
+        raise ValueError(
+            "precision 'fp16' requested but this GPU has no fast native fp16 "
+            "(builder.platform_has_fast_fp16 is False); build with precision 'fp32'"
+        )
+    if precision == "bf16" and gpu is not None and gpu.capability < BF16_MIN_COMPUTE_CAPABILITY:
         raise ValueError(
             f"precision 'bf16' needs an Ampere or newer GPU (compute capability >= 8.0); "
             f"{gpu.name} has compute capability {gpu.compute_capability}. Use precision 'fp16'"
@@ -253,22 +226,6 @@ class EngineBuild:
     opt_batch: int
     max_batch: int
     engines: tuple[BuiltEngine, ...]
-
-
-def _major_version(trt: Any) -> int:
-    match = re.match(r"^(\d+)", str(getattr(trt, "__version__", "")))
-    return int(match.group(1)) if match else 0
-
-
-def _network_flags(trt: Any) -> int:
-    # TensorRT 10 networks are always explicit-batch and EXPLICIT_BATCH is ignored; before 10 it had to be set,
-    # because the implicit-batch default cannot express the dynamic batch axis the optimization profile varies.
-    if _major_version(trt) < 10:
-        creation_flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
-        explicit_batch = getattr(creation_flags, "EXPLICIT_BATCH", None)
-        if explicit_batch is not None:
-            return 1 << int(explicit_batch)
-    return 0
 
 
 def _write_atomically(path: Path, data: Any) -> None:
@@ -327,7 +284,8 @@ def build_engine(
     # Resolve the precision before the (slow) parse so an unsupported request fails immediately.
     flags = precision_flags(trt, builder, precision, gpu)
 
-    network = builder.create_network(_network_flags(trt))
+    # TensorRT 10 networks are always explicit-batch; no flags keeps them weakly typed, so the precision flags apply.
+    network = builder.create_network(0)
     parser = trt.OnnxParser(network, trt_logger)
     log.info("parsing %s for the %s engine", onnx_path, spec.role)
     # parse_from_file (not parse(bytes)) so the parser can find weights stored as external data next to the graph.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +31,7 @@ from torch import nn
 
 from models.manifest import sha256_file
 from models.preprocess import OPENAI_MEAN, OPENAI_STD, PreprocessConfig
+from models.scoring import Scoring
 from models.tokenizer import VOCAB_SIZE, ClipTokenizer, TokenizerSpec
 
 Activation = Literal["softmax", "sigmoid"]
@@ -99,14 +100,10 @@ class LoadedModel:
     activation: Activation
     source: dict[str, Any]
 
-    def logits(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """[N, C] logits the way the model was trained: scale * cosine similarity, plus bias if any."""
-        logits = self.logit_scale * image_embeddings @ text_embeddings.T
-        return logits if self.logit_bias is None else logits + self.logit_bias
-
-    def probabilities(self, image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(image_embeddings, text_embeddings)
-        return logits.softmax(dim=-1) if self.activation == "softmax" else logits.sigmoid()
+    @property
+    def scoring(self) -> Scoring:
+        """How this model turns cosines into probabilities: the one recipe (models/scoring.py) that serving uses."""
+        return Scoring(self.logit_scale, self.logit_bias, self.activation)
 
     def numpy_encoders(self, tokenizer: ClipTokenizer) -> tuple[Callable, Callable]:
         """(pixels [B,3,H,W] -> [B,D], texts -> [B,D]) as numpy functions, for torch-free callers."""
@@ -120,19 +117,6 @@ class LoadedModel:
             return self.text_tower(torch.from_numpy(tokenizer(texts, self.tokenizer.context_length))).numpy()
 
         return encode_images, encode_texts
-
-    def describe(self) -> dict[str, Any]:
-        """Everything except the towers, JSON-serialisable (for manifests and logs)."""
-        return {
-            "name": self.name,
-            "embed_dim": self.embed_dim,
-            "logit_scale": self.logit_scale,
-            "logit_bias": self.logit_bias,
-            "activation": self.activation,
-            "preprocess": self.preprocess.to_dict(),
-            "tokenizer": asdict(self.tokenizer),
-            "source": self.source,
-        }
 
 
 def _assemble(

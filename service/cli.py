@@ -1,15 +1,14 @@
 """The `clipserve` command.
 
 The service owns the CLI; commands from packages the service must not import (the demo trainer in
-`models`, later `export`) are discovered through the `clipserve.commands` entry-point group, each a
-`register(app)` function, and imported only when the CLI starts.
+`models`, `export` and `build-engines` in `export`) are discovered through the `clipserve.commands` entry-point
+group, each a `register(app)` function, and imported only when the CLI starts.
 """
 
 from __future__ import annotations
 
 import logging
 from importlib.metadata import entry_points
-from typing import Any
 
 import typer
 
@@ -24,15 +23,12 @@ def serve(
 ) -> None:
     """Start the HTTP service (settings from CLIPSERVE_* environment variables; see the README)."""
     import uvicorn
-    from pydantic import ValidationError
 
+    from models.settings import read_settings
     from service.settings import Settings
 
-    try:
-        settings = Settings()  # one place reads the environment; the options only override where to listen
-    except ValidationError as error:
-        typer.echo(f"clipserve serve: invalid settings:\n{settings_problems(error)}", err=True)
-        raise typer.Exit(2) from None
+    # One place reads the environment (invalid values stop here, one line each); the options only say where to listen.
+    settings = read_settings(Settings, "serve")
     # `is None`, not `or`: --port 0 asks for any free port and must reach uvicorn.
     uvicorn.run(
         "service.app:create_app",
@@ -40,15 +36,6 @@ def serve(
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
     )
-
-
-def settings_problems(error: Any) -> str:
-    """A pydantic ValidationError of Settings as one line per variable: `CLIPSERVE_PORT: ...`."""
-    lines = []
-    for problem in error.errors():
-        field = ".".join(str(part) for part in problem["loc"])
-        lines.append(f"  CLIPSERVE_{field.upper()}={problem.get('input')!r}: {problem['msg']}")
-    return "\n".join(lines)
 
 
 def _register_plugins() -> None:

@@ -2,7 +2,8 @@
 
 The public names are short and flat (`CLIPSERVE_MAX_BATCH_SIZE`, `CLIPSERVE_REDIS_URL`, ...) and listed in
 the README. Unset model settings mean the built-in demo model, so a fresh install serves something with no
-GPU, no Redis and no network.
+GPU, no Redis and no network. The variables the export commands read too (which model, the batch size, the
+TensorRT precision) are defined once, in `models.settings.SharedSettings`, which `Settings` extends.
 """
 
 from __future__ import annotations
@@ -11,35 +12,25 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
-from models.templates import PRESETS
+from models.settings import SharedSettings
+from models.templates import PRESETS, SERVING_PRESET
 
 EngineKind = Literal["onnxruntime", "tensorrt", "torch"]
 Precision = Literal["fp32", "fp16", "bf16", "int8"]
 
 
-class Settings(BaseSettings):
-    # An empty variable means unset: compose files and Kubernetes manifests pass `CLIPSERVE_MODEL=` through
-    # when the user set nothing, and that must select the default, not a model named "".
-    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_", extra="ignore", frozen=True, env_ignore_empty=True)
-
+class Settings(SharedSettings):
+    # The configuration (env prefix, empty means unset, frozen) and the shared variables come from SharedSettings.
     host: str = Field("127.0.0.1", description="Interface to bind.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
 
-    # --- model -----------------------------------------------------------------------------------------------
-    model_repository: Path | None = Field(
-        None, description="Folder of exported models (clipserve export); unset: the built-in demo repository."
-    )
-    model: str | None = Field(None, description="Model name in the repository; unset: the built-in demo model.")
+    # --- model (model_repository, model, tensorrt_precision: SharedSettings) -------------------------------------
     engine: EngineKind = Field("onnxruntime", description="Runtime for both encoders.")
     precision: Precision = Field(
         "fp32",
         description="Which exported graphs to run; for the torch engine, what it computes in (fp16, bf16 on GPU).",
-    )
-    tensorrt_precision: Literal["fp16", "bf16", "fp32"] = Field(
-        "fp16",
-        description="Precision of the TensorRT plans `clipserve build-engines` (the gpu image's entrypoint) builds.",
     )
     onnx_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="ONNX Runtime providers in order of preference; empty: best installed."
@@ -76,8 +67,7 @@ class Settings(BaseSettings):
         "cpu", description="Decode and resize images on the CPU (exact, the default) or on the GPU (nvJPEG)."
     )
 
-    # --- batching ----------------------------------------------------------------------------------------------
-    max_batch_size: int = Field(32, ge=1, le=4096, description="Most images per image-engine call.")
+    # --- batching (max_batch_size: SharedSettings) ---------------------------------------------------------------
     max_wait_ms: float = Field(5.0, ge=0, description="Longest an image waits for others to join its batch.")
     max_queue: int = Field(512, ge=1, description="Images waiting for the engine before requests get 503.")
     text_max_batch_size: int = Field(256, ge=1, description="Most prompts per text-engine call.")
@@ -90,7 +80,7 @@ class Settings(BaseSettings):
     redis_timeout_ms: float = Field(100.0, gt=0, description="Socket timeout of each Redis call.")
     cache_ttl_s: int | None = Field(None, ge=1, description="Expiry of label vectors in Redis; unset: none.")
     cache_memory_mb: float = Field(64.0, ge=0, description="In-process LRU of label vectors, in MiB.")
-    default_templates: str = Field("simple", description="Template preset when a request names none.")
+    default_templates: str = Field(SERVING_PRESET, description="Template preset when a request names none.")
 
     # --- limits ------------------------------------------------------------------------------------------------
     max_body_mb: float = Field(20.0, gt=0, description="Largest request body.")

@@ -17,7 +17,8 @@ import numpy as np
 from models.demo import shapes
 from models.demo.config import PREPROCESS
 from models.preprocess import ImageTransform, PreprocessConfig
-from models.templates import PRESETS, apply_templates, ensemble
+from models.scoring import cosines
+from models.templates import EVALUATION_PRESET, PRESETS, apply_templates, ensemble
 
 EncodeImages = Callable[[np.ndarray], np.ndarray]  # [B,3,H,W] float32 -> [B,D] normalised
 EncodeTexts = Callable[[list[str]], np.ndarray]  # texts -> [B,D] normalised
@@ -25,7 +26,7 @@ EncodeTexts = Callable[[list[str]], np.ndarray]  # texts -> [B,D] normalised
 PROMPT_SETTINGS: dict[str, tuple[str, ...]] = {
     "bare label": PRESETS["bare"],
     '"a photo of a {}."': PRESETS["photo"],
-    "80-template ensemble": PRESETS["imagenet"],
+    "80-template ensemble": PRESETS[EVALUATION_PRESET],
 }
 TARGETS = {"seen": 0.95, "held_out": 0.85, "shape": 0.95, "colour": 0.98}
 TRAINING_LIKE = "training-like renderings (40-320 px)"
@@ -114,7 +115,8 @@ def evaluate(
             image_embeddings = _embed_images(encode_images, pixels, batch)
             scores = {}
             for setting in PROMPT_SETTINGS:
-                similarity = image_embeddings @ classes[task.labels, setting].T
+                # Top-1 by cosine: the scoring's probabilities rise with it, whatever the activation.
+                similarity = cosines(image_embeddings, classes[task.labels, setting])
                 predicted = np.asarray(task.labels)[similarity.argmax(axis=1)]
                 scores[setting] = float(np.mean(predicted == np.asarray(truth)))
             results[distribution][task.key] = scores

@@ -186,11 +186,6 @@ class CudaRuntimeMemory:
         _check(cudart, "cudaMemcpyAsync", copy)
         _check(cudart, "cudaStreamSynchronize", cudart.cudaStreamSynchronize(self._stream))
 
-    def copy_device(self, destination: int, source: int, nbytes: int) -> None:
-        cudart = self._cudart
-        kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
-        _check(cudart, "cudaMemcpyAsync", cudart.cudaMemcpyAsync(destination, source, nbytes, kind, self._stream))
-
     def synchronize(self) -> None:
         _check(self._cudart, "cudaStreamSynchronize", self._cudart.cudaStreamSynchronize(self._stream))
 

@@ -64,14 +64,14 @@ def build_engines(settings: Settings, manifest: Manifest, model_dir: Path) -> En
             )
         case "tensorrt":
             from service.engines import cuda_runtime
-            from service.engines.tensorrt import TensorRTEngine, load_tensorrt, select_build
+            from service.engines.tensorrt import TensorRTEngine, require_tensorrt, select_build
 
-            tensorrt_version = str(load_tensorrt().__version__)  # first: without TensorRT nothing else matters
+            tensorrt_version = str(require_tensorrt().__version__)  # first: without TensorRT nothing else matters
             build = select_build(manifest, cuda_runtime.compute_capability(), tensorrt_version)
             if settings.max_batch_size > build.max_batch:
                 log.warning(
-                    "CLIPSERVE_MAX_BATCH_SIZE=%d exceeds the TensorRT profile's max batch %d; larger batches run "
-                    "in chunks",
+                    "CLIPSERVE_MAX_BATCH_SIZE=%d exceeds the TensorRT profile's max batch %d, which caps image "
+                    "batches instead",
                     settings.max_batch_size,
                     build.max_batch,
                 )

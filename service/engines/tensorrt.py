@@ -21,30 +21,26 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from models.extras import TensorRTUnavailableError, load_tensorrt
 from models.manifest import Manifest, TensorRTBuild
 from service.engines.base import EngineError
-from service.engines.cuda_runtime import GPU_EXTRA, CudaRuntimeMemory, DeviceAllocation
+from service.engines.cuda_runtime import CudaRuntimeMemory, DeviceAllocation
 from service.gpu.device_array import ITEMSIZE, DeviceArray, widen_to_float32
 
 log = logging.getLogger("clipserve.engines")
 
 # TensorRT's output types that the similarity kernel takes, by `trt.DataType` member name.
 DEVICE_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}
-# IExecutionContext.setTensorAddress: "The pointer must have at least 256-byte alignment."
-TENSOR_ALIGNMENT = 256
 
 
-def load_tensorrt() -> ModuleType:
-    """The `tensorrt` module, or an EngineError saying how to get it."""
+def require_tensorrt() -> ModuleType:
+    """The `tensorrt` module, or the EngineError that stops a service started with CLIPSERVE_ENGINE=tensorrt."""
     try:
-        import tensorrt
-    # The wheel imports, then dlopens libnvinfer; a broken CUDA install shows up as OSError, not ImportError.
-    except (ImportError, OSError) as error:
+        return load_tensorrt()
+    except TensorRTUnavailableError as error:
         raise EngineError(
-            f"CLIPSERVE_ENGINE=tensorrt needs TensorRT, which cannot be imported here ({error}); on an NVIDIA "
-            f"GPU machine run {GPU_EXTRA}, or use CLIPSERVE_ENGINE=onnxruntime"
+            f"CLIPSERVE_ENGINE=tensorrt: {error} Serve those with CLIPSERVE_ENGINE=onnxruntime."
         ) from error
-    return tensorrt
 
 
 def _describe_build(build: TensorRTBuild) -> str:
@@ -83,8 +79,6 @@ class DeviceMemory(Protocol):
     # Memory that outlives the call: freed when the returned object is collected, also after close().
     def allocate(self, nbytes: int) -> DeviceAllocation: ...
 
-    def copy_device(self, destination: int, source: int, nbytes: int) -> None: ...  # device -> device, on the stream
-
     def synchronize(self) -> None: ...  # waits for the stream
 
     def copy_to_host(self, pointer: int, out: np.ndarray) -> None: ...  # blocking, off the stream, also after close()
@@ -98,7 +92,11 @@ def _type_name(trt_type: Any) -> str:
 
 
 class TensorRTEngine:
-    """One TensorRT plan with a dynamic batch axis; batches above the profile's max are run in chunks."""
+    """One TensorRT plan with a dynamic batch axis.
+
+    A call takes at most `max_batch_size` rows (the profile's max): the batcher never sends more, and a larger
+    batch is refused with an EngineError rather than split here.
+    """
 
     def __init__(
         self,
@@ -113,7 +111,7 @@ class TensorRTEngine:
         plan_path = Path(plan_path)
         if not plan_path.is_file():
             raise EngineError(f"TensorRT plan {plan_path} does not exist")
-        trt = load_tensorrt()
+        trt = require_tensorrt()
         self.role = role
         self.max_batch_size: int | None = max_batch_size
         self.precision = precision
@@ -158,12 +156,6 @@ class TensorRTEngine:
             raise EngineError(f"TensorRT could not create an execution context for {plan_path} (out of GPU memory?)")
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        step = self.max_batch_size or len(inputs)
-        if len(inputs) <= step:
-            return self._run(inputs)
-        return np.concatenate([self._run(inputs[i : i + step]) for i in range(0, len(inputs), step)])
-
-    def _run(self, inputs: np.ndarray) -> np.ndarray:
         with self._lock:
             context = self._context
             if context is None:
@@ -181,69 +173,49 @@ class TensorRTEngine:
         return np.ascontiguousarray(output, dtype=np.float32)
 
     def embed_on_device(self, inputs: np.ndarray) -> DeviceArray:
-        """Like `__call__`, but the [B, D] embeddings stay in device memory, in the plan's output dtype.
-
-        Batches above the profile's max run in chunks whose outputs land in consecutive rows of one allocation:
-        written there directly when the rows start on TensorRT's 256-byte alignment, else through the "output"
-        slot and a device-to-device copy.
-        """
+        """Like `__call__`, but the [B, D] embeddings stay in device memory, in the plan's output dtype."""
         dtype = self._device_dtype
         if dtype is None:
             raise EngineError(
                 f"{self.description}: its output type {self._output_type_name} cannot stay on the device; the "
                 f"similarity kernel takes {', '.join(DEVICE_DTYPES)} outputs"
             )
-        rows = len(inputs)
-        # An empty batch still runs once, so that it meets the profile check with the same error as __call__.
-        step = self.max_batch_size or max(rows, 1)
         with self._lock:
             context = self._context
             if context is None:
                 raise EngineError(f"{self.description} is closed")
             memory = self._memory
-            allocation: DeviceAllocation | None = None
-            row_bytes = 0
-            for start in range(0, max(rows, 1), step):
-                host = self._bind_input(context, inputs[start : start + step])
-                shape = tuple(context.get_tensor_shape(self._output_name))
-                if len(shape) != 2 or shape[0] != len(host):
-                    raise EngineError(
-                        f"{self.description}: output shape {shape} for a batch of {len(host)}; expected [batch, dim]"
-                    )
-                if allocation is None:  # the embedding width is fixed by the plan: known after the first shape
-                    row_bytes = shape[1] * ITEMSIZE[dtype]
-                    allocation = memory.allocate(rows * row_bytes)
-                target, nbytes = allocation.address + start * row_bytes, len(host) * row_bytes
-                direct = target % TENSOR_ALIGNMENT == 0
-                output_address = target if direct else memory.buffer("output", nbytes)
-                context.set_tensor_address(self._output_name, output_address)
-                if not context.execute_async_v3(memory.stream_handle):
-                    raise EngineError(f"{self.description}: TensorRT failed to enqueue the batch")
-                if not direct:
-                    memory.copy_device(target, output_address, nbytes)
+            self._bind_input(context, inputs)
+            rows = len(inputs)
+            shape = tuple(context.get_tensor_shape(self._output_name))
+            if len(shape) != 2 or shape[0] != rows:
+                raise EngineError(
+                    f"{self.description}: output shape {shape} for a batch of {rows}; expected [batch, dim]"
+                )
+            # setTensorAddress needs 256-byte alignment, which every CUDA allocation has: the plan writes straight in.
+            allocation = memory.allocate(rows * shape[1] * ITEMSIZE[dtype])
+            context.set_tensor_address(self._output_name, allocation.address)
+            if not context.execute_async_v3(memory.stream_handle):
+                raise EngineError(f"{self.description}: TensorRT failed to enqueue the batch")
             # The kernel that reads these rows runs on another stream: it may start only once this one is done.
             memory.synchronize()
-        assert allocation is not None  # the loop ran at least once and allocated, or raised
         return DeviceArray(
-            allocation.address,
-            (rows, row_bytes // ITEMSIZE[dtype]),
-            dtype,
-            allocation,
-            copy_to_host=memory.copy_to_host,
+            allocation.address, (rows, int(shape[1])), dtype, allocation, copy_to_host=memory.copy_to_host
         )
 
-    def _bind_input(self, context: Any, inputs: np.ndarray) -> np.ndarray:
-        """Sets the batch shape and copies the inputs into the "input" slot; the host array that was sent."""
+    def _bind_input(self, context: Any, inputs: np.ndarray) -> None:
+        """Sets the batch shape and copies the inputs into the "input" slot."""
         host = np.ascontiguousarray(inputs, dtype=self._input_dtype)
+        # TensorRT refuses a shape outside the profile, a batch above its max included (nothing splits it here).
         if not context.set_input_shape(self._input_name, host.shape):
             raise EngineError(
-                f"{self.description}: input shape {host.shape} is outside the engine's optimisation profile"
+                f"{self.description}: input shape {host.shape} is outside the engine's optimisation profile "
+                f"(its max batch is {self.max_batch_size})"
             )
         memory = self._memory
         input_address = memory.buffer("input", host.nbytes)
         memory.copy_in(input_address, host)
         context.set_tensor_address(self._input_name, input_address)
-        return host
 
     def close(self) -> None:
         with self._lock:

@@ -250,36 +250,6 @@ def test_a_broken_export_is_refused_and_nothing_is_written(tmp_path, wrong_image
     assert list(tmp_path.iterdir()) == []  # no model directory, no staging leftovers
 
 
-def test_a_failed_re_export_keeps_the_previous_model(tmp_path, request):
-    loaded = zoo.load_demo()
-    first = pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"])
-    before = {p.name: p.read_bytes() for p in first.directory.iterdir()}
-    request.getfixturevalue("wrong_image_normalisation")
-    with pytest.raises(parity.ParityError):
-        pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"])
-    assert {p.name: p.read_bytes() for p in first.directory.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
-
-
-def test_re_export_replaces_the_directory(tmp_path):
-    loaded = zoo.load_demo()
-    pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx", "onnx-int8"])
-    (tmp_path / "demo" / "stale.txt").write_text("from an older export")
-    # As a crash between the fallback's two renames leaves it: the old model moved aside, none in place.
-    (tmp_path / "demo").rename(tmp_path / ".demo.0badc0de.retired")
-    said: list[str] = []
-    result = pipeline.export_model(loaded, "demo", tmp_path, formats=["onnx"], progress=said.append)
-    assert "restored demo from an export that was interrupted while swapping it in" in said
-    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
-    assert sorted(p.name for p in result.directory.iterdir()) == [
-        "image.onnx",
-        "manifest.json",
-        "text.onnx",
-        "tokenizer.json",
-    ]
-    assert load_manifest(result.directory).precisions() == ["fp32"]
-
-
 # -------------------------------------------------------------------------------------------- CLI contract
 
 
@@ -315,11 +285,23 @@ def test_bad_arguments_are_refused(app, tmp_path, args):
 
 def test_repository_defaults_to_the_service_variable(monkeypatch, tmp_path):
     from export.cli import default_repository
+    from models.settings import SharedSettings
 
     monkeypatch.setenv("CLIPSERVE_MODEL_REPOSITORY", str(tmp_path))
-    assert default_repository() == tmp_path
+    assert default_repository(SharedSettings()) == tmp_path
     monkeypatch.delenv("CLIPSERVE_MODEL_REPOSITORY")
-    assert default_repository() == Path("model-repository")
+    assert default_repository(SharedSettings()) == Path("model-repository")
+
+
+def test_invalid_shared_settings_stop_export_with_one_line_and_exit_2(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("CLIPSERVE_MAX_BATCH_SIZE", "0")
+    result = CliRunner().invoke(app, ["export", "--demo", "--repository", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.splitlines() == [
+        "clipserve export: invalid settings:",
+        "  CLIPSERVE_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1",
+    ]
+    assert not any(tmp_path.iterdir())
 
 
 def test_default_names_are_directory_safe():

@@ -1,4 +1,5 @@
-"""Swapping a model directory in: the atomic Linux path, the two-rename fallback, and recovery after a crash."""
+"""Swapping a model directory in: the atomic Linux path, the two-rename fallback, recovery after a crash, and the
+staging directory an export writes into (which `clipserve export` uses, so its tests need not re-export to check it)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,40 @@ def test_an_exchange_error_other_than_unsupported_is_raised(tmp_path):
     with pytest.raises(FileNotFoundError):
         files._exchange(tmp_path / "missing", _model(tmp_path / "demo", "old"))
     assert os.path.isdir(tmp_path / "demo")
+
+
+def test_a_completed_staging_directory_replaces_the_model_and_leaves_nothing_of_the_old_one(tmp_path):
+    target = _model(tmp_path / "demo", "old")
+    (target / "stale.txt").write_text("from an older export")
+    with files.staged_directory(target, must_contain="manifest.json") as staging:
+        assert staging.parent == tmp_path and staging.name.startswith(".demo.staging-") and not any(staging.iterdir())
+        (staging / "manifest.json").write_text("new")
+    assert _contents(target) == {"manifest.json": "new"}
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_failed_run_keeps_the_previous_model_and_leaves_no_staging(tmp_path):
+    target = _model(tmp_path / "demo", "old")
+    with (
+        pytest.raises(RuntimeError, match="parity gate failed"),
+        files.staged_directory(target, "manifest.json") as staging,
+    ):
+        (staging / "manifest.json").write_text("new")
+        raise RuntimeError("parity gate failed")
+    assert _contents(target) == {"manifest.json": "old", "old.onnx": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_staging_first_restores_a_model_left_aside_and_clears_day_old_leftovers(tmp_path):
+    # As a crash between the fallback's two renames leaves it: the old model moved aside, none in place.
+    _model(tmp_path / ".demo.0badc0de.retired", "old")
+    killed = _model(tmp_path / ".demo.staging-0000dead", "killed")
+    os.utime(killed, (0, 0))  # a day old at least: its run is over
+    running = _model(tmp_path / ".demo.staging-0000beef", "running")  # may belong to an export still going
+    said: list[str] = []
+    with files.staged_directory(tmp_path / "demo", "manifest.json", progress=said.append) as staging:
+        assert _contents(tmp_path / "demo") == {"manifest.json": "old", "old.onnx": "old"}
+        (staging / "manifest.json").write_text("new")
+    assert said == ["restored demo from an export that was interrupted while swapping it in"]
+    assert _contents(tmp_path / "demo") == {"manifest.json": "new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [running.name, "demo"]

@@ -10,7 +10,6 @@ that a real TensorRT accepts the graphs or that the plans run; that needs a GPU 
 
 from __future__ import annotations
 
-import builtins
 import enum
 import sys
 import types
@@ -29,12 +28,10 @@ from export.tensorrt_build import (
     GpuInfo,
     NoGpuError,
     ProfileShapes,
-    TensorRTUnavailableError,
     build_engine,
     build_engines,
     current_gpu,
     engine_directory,
-    load_tensorrt,
     precision_flags,
     profile_shapes,
 )
@@ -203,7 +200,7 @@ class FakeTensorRT:
     """faked: TensorRT cannot be installed on this machine.
 
     A stand-in for the ``tensorrt`` module with the attributes export/tensorrt_build.py uses, recording each call.
-    `has_bf16=False` models TensorRT < 9 (no BuilderFlag.BF16); `fast_fp16=False` a GPU without fast fp16.
+    `fast_fp16=False` models a GPU without fast fp16.
     """
 
     def __init__(
@@ -211,7 +208,6 @@ class FakeTensorRT:
         *,
         version: str = "10.7.0",
         fast_fp16: bool = True,
-        has_bf16: bool = True,
         parse_errors: tuple[str, ...] = (),
         build_returns_none: bool = False,
     ) -> None:
@@ -219,12 +215,8 @@ class FakeTensorRT:
         self.fast_fp16 = fast_fp16
         self.parse_errors = parse_errors
         self.build_returns_none = build_returns_none
-        members = ["FP16", "INT8", "TF32", *(["BF16"] if has_bf16 else [])]
-        self.BuilderFlag: Any = enum.Enum("BuilderFlag", members)
+        self.BuilderFlag: Any = enum.Enum("BuilderFlag", ["FP16", "BF16", "INT8", "TF32"])
         self.MemoryPoolType: Any = enum.Enum("MemoryPoolType", ["WORKSPACE", "TACTIC_SHARED_MEMORY"])
-        self.NetworkDefinitionCreationFlag: Any = enum.IntEnum(
-            "NetworkDefinitionCreationFlag", {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}
-        )
         self.Logger = FakeLogger
 
         self.builder_loggers: list[FakeLogger] = []
@@ -371,8 +363,9 @@ def test_bf16_sets_bf16_flag_on_ampere_or_newer():
     assert precision_flags(fake, builder, "bf16", GpuInfo("NVIDIA A100", "8.0")) == [fake.BuilderFlag.BF16]
 
 
-def test_bf16_refused_on_tensorrt_without_bf16():
-    fake = FakeTensorRT(version="8.6.1", has_bf16=False)
+def test_bf16_refused_when_tensorrt_has_no_bf16_flag():
+    fake = FakeTensorRT(version="11.0.0")
+    fake.BuilderFlag = enum.Enum("BuilderFlag", ["TF32"])  # TensorRT 11 removed the weak-typing flags
     with pytest.raises(ValueError, match=r"BuilderFlag\.BF16"):
         precision_flags(fake, fake.Builder(FakeLogger("WARNING")), "bf16", H200)
 
@@ -420,12 +413,6 @@ def test_text_engine_profile_varies_only_batch(specs: tuple[EngineSpec, EngineSp
     assert fake.profile_shapes == [("token_ids", (1, 77), (4, 77), (16, 77))]
     assert fake.flags_set == []
     assert fake.memory_pool_limits == []  # left to TensorRT's default when not given
-
-
-def test_pre_10_tensorrt_gets_explicit_batch_flag(image_spec: EngineSpec, tmp_path: Path):
-    fake = FakeTensorRT(version="8.6.1", has_bf16=False)
-    _build_one(fake, image_spec, tmp_path)
-    assert fake.network_flags == [1 << int(fake.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)]
 
 
 def test_fp16_without_fast_fp16_fails_before_parsing(image_spec: EngineSpec, tmp_path: Path):
@@ -571,39 +558,7 @@ def test_build_engines_bf16_refused_on_turing(specs: tuple[EngineSpec, EngineSpe
     assert fake.builds == 0
 
 
-# --- loading TensorRT and finding the GPU --------------------------------------------------------------------------
-
-
-def test_load_tensorrt_explains_missing_tensorrt(monkeypatch: pytest.MonkeyPatch):
-    # A None entry makes `import tensorrt` raise ImportError even where TensorRT is installed.
-    monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(TensorRTUnavailableError) as raised:
-        load_tensorrt()
-    message = str(raised.value)
-    assert "TensorRT is not installed" in message
-    assert "clipserve[gpu]" in message
-    assert "NVIDIA GPU" in message
-    assert "onnx, onnx-fp16, onnx-int8" in message
-
-
-def test_load_tensorrt_reports_broken_native_libraries(monkeypatch: pytest.MonkeyPatch):
-    real_import = builtins.__import__
-
-    def failing_import(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name == "tensorrt":
-            raise OSError("libnvinfer.so.10: cannot open shared object file")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
-    monkeypatch.setattr(builtins, "__import__", failing_import)
-    with pytest.raises(TensorRTUnavailableError, match=r"libnvinfer\.so\.10.*clipserve\[gpu\]"):
-        load_tensorrt()
-
-
-def test_load_tensorrt_returns_the_module(monkeypatch: pytest.MonkeyPatch):
-    module = types.ModuleType("tensorrt")
-    monkeypatch.setitem(sys.modules, "tensorrt", module)
-    assert load_tensorrt() is module
+# --- finding the GPU --------------------------------------------------------------------------------------------
 
 
 def _without_cuda_bindings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -219,6 +219,26 @@ def test_cli_refuses_an_unknown_precision_and_one_the_gpu_lacks(model_dir: Path,
     assert load_manifest(model_dir).tensorrt == ()
 
 
+def test_cli_reads_the_shared_settings_and_refuses_invalid_ones_in_one_line(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The same CLIPSERVE_* variables and checks as the service (models.settings.SharedSettings), not typer's own."""
+    monkeypatch.setattr(tensorrt_build, "load_tensorrt", lambda: FakeTensorRT())
+    monkeypatch.setattr(tensorrt_build, "current_gpu", lambda device=0: H200)
+    env = {"CLIPSERVE_MODEL_REPOSITORY": str(model_dir.parent), "CLIPSERVE_MAX_BATCH_SIZE": "0"}
+    refused = _cli([], env)
+    assert refused.exit_code == 2
+    assert refused.output.splitlines() == [
+        "clipserve build-engines: invalid settings:",
+        "  CLIPSERVE_MAX_BATCH_SIZE='0': Input should be greater than or equal to 1",
+    ]
+    assert load_manifest(model_dir).tensorrt == ()
+    built = _cli([], {**env, "CLIPSERVE_MAX_BATCH_SIZE": "4", "CLIPSERVE_TENSORRT_PRECISION": "fp32"})
+    assert built.exit_code == 0, built.output
+    (build,) = load_manifest(model_dir).tensorrt
+    assert (build.precision, build.opt_batch) == ("fp32", 4)
+
+
 def test_cli_without_tensorrt_exits_2_with_the_reason(model_dir: Path):
     try:
         import tensorrt  # noqa: F401

@@ -194,12 +194,12 @@ def text_onnx(path: Path, external_location: str | None = None) -> Path:
     return _save(model, path, external_location)
 
 
-def image_graph(path: Path, fmt: str = "onnx") -> TritonGraph:
-    return TritonGraph("image", path, fmt, (PIXELS,), (EMBEDDINGS,))
+def image_graph(path: Path) -> TritonGraph:
+    return TritonGraph("image", path, (PIXELS,), (EMBEDDINGS,))
 
 
-def text_graph(path: Path, fmt: str = "onnx") -> TritonGraph:
-    return TritonGraph("text", path, fmt, (TOKEN_IDS,), (EMBEDDINGS,))
+def text_graph(path: Path) -> TritonGraph:
+    return TritonGraph("text", path, (TOKEN_IDS,), (EMBEDDINGS,))
 
 
 def run(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -338,8 +338,7 @@ def test_render_config_follows_a_custom_policy(tmp_path: Path):
 def test_render_config_fp16_and_int32_tensors(tmp_path: Path):
     graph = TritonGraph(
         "text",
-        tmp_path / "unused.plan",
-        "tensorrt",
+        tmp_path / "unused.onnx",
         (TritonTensor("token_ids", "int32", (77,)),),
         (TritonTensor("embeddings", "float16", (768,)),),
     )
@@ -360,7 +359,7 @@ def test_triton_data_type(dtype: str, expected: str):
 def test_unknown_dtype_raises(dtype: str, tmp_path: Path):
     with pytest.raises(ValueError, match="unsupported dtype"):
         triton_data_type(dtype)
-    graph = TritonGraph("image", tmp_path / "x.onnx", "onnx", (TritonTensor("pixels", dtype, (3,)),), (EMBEDDINGS,))
+    graph = TritonGraph("image", tmp_path / "x.onnx", (TritonTensor("pixels", dtype, (3,)),), (EMBEDDINGS,))
     with pytest.raises(ValueError, match="unsupported dtype"):
         render_config("clip-image", graph, BatchingPolicy())
 
@@ -403,27 +402,6 @@ def test_external_data_is_copied_and_still_resolves(tmp_path: Path, location: st
     np.testing.assert_array_equal(run(version_dir / "model.onnx", feed), expected)
 
 
-def test_tensorrt_plan_is_copied_byte_for_byte(tmp_path: Path):
-    plan = tmp_path / "image.plan"
-    payload = bytes(range(256)) * 64  # not an ONNX file: a plan is opaque and must not be parsed
-    plan.write_bytes(payload)
-    root = tmp_path / "repo"
-    [config_path] = write_triton_repository(root, "clip", [image_graph(plan, "tensorrt")], BatchingPolicy())
-    assert (root / "clip-image" / "1" / "model.plan").read_bytes() == payload
-    assert sorted(p.name for p in (root / "clip-image" / "1").iterdir()) == ["model.plan"]
-    config = parse_pbtxt(config_path.read_text())
-    assert config == expected_config(
-        "clip-image", "tensorrt_plan", "model.plan", [("pixels", "TYPE_FP32", [3, 224, 224])], BatchingPolicy()
-    )
-
-
-def test_tensorrt_on_cpu_instances_raises(tmp_path: Path):
-    with pytest.raises(ValueError, match="GPU"):
-        render_config(
-            "clip-image", image_graph(tmp_path / "x.plan", "tensorrt"), BatchingPolicy(instance_kind="KIND_CPU")
-        )
-
-
 # --- rewriting -------------------------------------------------------------------------------------------
 
 
@@ -453,12 +431,14 @@ def test_failed_write_leaves_the_previous_repository_intact(tmp_path: Path, sour
     write_triton_repository(root, "clip", [image_graph(sources["image"])], BatchingPolicy(max_batch_size=8))
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
-    missing_plan = tmp_path / "missing.plan"
+    # A graph whose external weights are gone: it inspects fine, and copying it fails halfway through the write.
+    text = text_onnx(tmp_path / "text.onnx", external_location="text.onnx.data")
+    (tmp_path / "text.onnx.data").unlink()
     with pytest.raises(FileNotFoundError):
         write_triton_repository(
             root,
             "clip",
-            [image_graph(sources["image"]), text_graph(missing_plan, "tensorrt")],
+            [image_graph(sources["image"]), text_graph(text)],
             BatchingPolicy(max_batch_size=16),
         )
     assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
@@ -522,8 +502,6 @@ def test_bad_graphs_and_policies_raise(tmp_path: Path, sources: dict[str, Path])
     image = image_graph(sources["image"])
     with pytest.raises(ValueError, match="role"):
         render_config("clip-audio", replace(image, role="audio"), BatchingPolicy())
-    with pytest.raises(ValueError, match="format"):
-        render_config("clip-image", replace(image, format="torchscript"), BatchingPolicy())
     with pytest.raises(ValueError, match="dims"):
         render_config("clip-image", replace(image, inputs=(replace(PIXELS, dims=()),)), BatchingPolicy())
     with pytest.raises(ValueError, match="once"):

@@ -10,6 +10,7 @@ pytest.importorskip("open_clip")
 
 from models.demo import evaluate  # noqa: E402
 from models.demo.config import ARTIFACTS_DIR, CARD_FILE, WEIGHTS_FILE  # noqa: E402
+from models.scoring import cosines  # noqa: E402
 from models.tokenizer import ClipTokenizer, open_clip_tokenizer_json  # noqa: E402
 from models.zoo import load_demo  # noqa: E402
 
@@ -67,7 +68,7 @@ def test_demo_probabilities_rank_the_true_label_first(demo, encoders):
     pixels, truth = evaluate.render_set(evaluate.TASKS[0], 8, seed=11)
     labels = list(evaluate.COMPOSITION_LABELS)
     classes = evaluate.label_matrix(encode_texts, labels, ["a photo of a {}."])
-    probabilities = demo.probabilities(torch.from_numpy(encode_images(pixels)), torch.from_numpy(classes)).numpy()
+    probabilities = demo.scoring.probabilities(cosines(encode_images(pixels), classes))
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     top = [labels[i] for i in probabilities.argmax(axis=1)]
     assert np.mean(np.asarray(top) == np.asarray(truth)) >= 0.75

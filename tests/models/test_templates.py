@@ -1,8 +1,10 @@
 import pytest
 
 from models.templates import (
+    EVALUATION_PRESET,
     IMAGENET_80,
     PRESETS,
+    SERVING_PRESET,
     SIMPLE_7,
     TemplateError,
     apply_templates,
@@ -30,6 +32,11 @@ def test_resolve_preset_custom_and_default():
     assert resolve_templates("simple") == SIMPLE_7
     assert resolve_templates(None) == IMAGENET_80
     assert resolve_templates(["a {} here", "{}!"]) == ("a {} here", "{}!")
+
+
+def test_evaluation_uses_the_80_templates_and_serving_the_7():
+    assert PRESETS[EVALUATION_PRESET] == IMAGENET_80 == resolve_templates(None)
+    assert PRESETS[SERVING_PRESET] == SIMPLE_7
 
 
 def test_literal_braces_are_allowed_beside_the_slot():

@@ -17,11 +17,12 @@ import numpy as np
 
 from service.engines.base import EngineError
 from service.engines.cuda_runtime import DeviceAllocation
-from service.engines.tensorrt import TENSOR_ALIGNMENT
 from service.gpu.device_array import bfloat16_bits
 
 EMBED_DIM = 64
 FAKE_PLAN = b"fake-plan"
+# IExecutionContext.setTensorAddress: "The pointer must have at least 256-byte alignment." (as CUDA's allocations are)
+TENSOR_ALIGNMENT = 256
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:
@@ -80,10 +81,6 @@ class FakeDeviceMemory:
         self.events.append(("free", address, "after close" if self.closed else "on the stream"))
         self.freed.append(address)
         del self._memory[address]
-
-    def copy_device(self, destination: int, source: int, nbytes: int) -> None:
-        self.events.append(("copy_device", destination, source, nbytes))
-        self.bytes_at(destination, nbytes)[:] = self.bytes_at(source, nbytes)
 
     def synchronize(self) -> None:
         self.events.append(("synchronize",))

@@ -412,13 +412,16 @@ def test_tensorrt_engine_reuses_its_device_buffers_and_grows_them_when_needed(fa
     assert device_memory.closed
 
 
-def test_tensorrt_engine_chunks_batches_above_the_profile_max(fake_trt, device_memory, tmp_path):
+def test_tensorrt_engine_refuses_a_batch_above_the_profile_max(fake_trt, device_memory, tmp_path):
+    """The batcher sends at most max_batch_size rows; a larger batch is an error, not split into chunks here."""
     plan = write_plan(tmp_path / "text.plan", "token_ids", "INT64")
-    engine = TensorRTEngine(plan, "text", input_name="token_ids", max_batch_size=4, memory=device_memory)
+    engine = TensorRTEngine(plan, "text", input_name="token_ids", max_batch_size=8, memory=device_memory)
     ids = np.arange(10 * 32, dtype=np.int64).reshape(10, 32) % 49408
-    np.testing.assert_array_equal(engine(ids), fake_embed(ids))
-    shapes_seen = [shape for _, shape in fake_trt.engines[0].contexts[0].shapes]
-    assert shapes_seen == [(4, 32), (4, 32), (2, 32)]
+    with pytest.raises(EngineError, match=r"input shape \(10, 32\) is outside .*profile \(its max batch is 8\)"):
+        engine(ids)
+    (context,) = fake_trt.engines[0].contexts
+    assert context.streams == []  # nothing was enqueued
+    np.testing.assert_array_equal(engine(ids[:8]), fake_embed(ids[:8]))
 
 
 def test_tensorrt_engine_casts_inputs_to_the_engine_dtype(fake_trt, device_memory, tmp_path):

@@ -400,46 +400,14 @@ def test_trt_closing_the_engine_with_outstanding_views_is_safe(fake_trt, memory,
     assert memory.events[-1] == ("free", address, "after close")
 
 
-def test_trt_chunks_write_consecutive_rows_of_one_allocation(fake_trt, memory, tmp_path):
-    """fp32 rows of 64 are 256 bytes: every chunk starts aligned, so TensorRT writes each one in place."""
+def test_trt_embed_on_device_refuses_a_batch_above_the_profile_max(fake_trt, memory, tmp_path):
+    """The batcher sends at most max_batch_size rows; a larger batch is an error before any device memory is taken."""
     engine = trt_engine(tmp_path, memory, max_batch=4)
-    inputs = small_pixels(10)
-    embeddings = engine.embed_on_device(inputs)
-    base = embeddings.pointer
-    executes = [event for event in memory.events if event[0] == "execute"]
-    assert [(event[2] - base, event[3]) for event in executes] == [(0, 4), (4 * 256, 4), (8 * 256, 2)]
-    assert memory.names() == ["allocate", "execute", "execute", "execute", "synchronize"]  # no copies, one wait
-    assert embeddings.shape == (10, EMBED_DIM)
-    np.testing.assert_array_equal(embeddings.to_host(), fake_embed(inputs))
-
-
-def test_trt_unaligned_chunks_go_through_the_output_slot_and_a_device_copy(fake_trt, memory, tmp_path):
-    """fp16 rows of 64 are 128 bytes: with chunks of 3 rows every other chunk starts off TensorRT's alignment."""
-    engine = trt_engine(tmp_path, memory, output="HALF", max_batch=3, precision="fp16")
-    inputs = small_pixels(10)
-    embeddings = engine.embed_on_device(inputs)
-    base, slot = embeddings.pointer, memory.slots["output"]
-
-    def where(address: int) -> int | str:
-        return "slot" if address == slot else address - base
-
-    steps = [
-        ("execute", where(event[2]), event[3])
-        if event[0] == "execute"
-        else (event[0], where(event[1]), where(event[2]))
-        for event in memory.events[1:-1]
-    ]
-    assert steps == [
-        ("execute", 0, 3),  # rows 0-2 in place
-        ("execute", "slot", 3),  # rows 3-5 start at byte 384: off the alignment
-        ("copy_device", 384, "slot"),
-        ("execute", 768, 3),  # rows 6-8 in place
-        ("execute", "slot", 1),
-        ("copy_device", 1152, "slot"),
-    ]
-    assert memory.events[-1] == ("synchronize",)
-    assert embeddings.dtype == "float16" and embeddings.shape == (10, EMBED_DIM)
-    np.testing.assert_array_equal(embeddings.to_host(), fake_embed(inputs).astype(np.float16).astype(np.float32))
+    with pytest.raises(EngineError, match=r"input shape \(10, 3, 8, 8\) is outside .*\(its max batch is 4\)"):
+        engine.embed_on_device(small_pixels(10))
+    assert "allocate" not in memory.names() and "execute" not in memory.names()
+    inputs = small_pixels(4)
+    np.testing.assert_array_equal(engine.embed_on_device(inputs).to_host(), fake_embed(inputs))
 
 
 @pytest.mark.parametrize("output,dtype,tolerance", [("HALF", "float16", 1e-3), ("BF16", "bfloat16", 8e-3)])
@@ -466,7 +434,7 @@ def test_trt_output_types_the_kernel_cannot_take_are_refused_clearly(fake_trt, m
 
 
 def test_trt_embed_on_device_errors_are_engine_errors_and_leak_nothing(fake_trt, memory, tmp_path):
-    engine = trt_engine(tmp_path, memory, max_batch=4)
+    engine = trt_engine(tmp_path, memory)
     with pytest.raises(EngineError, match=r"input shape \(0, 3, 8, 8\) is outside the engine's optimisation profile"):
         engine.embed_on_device(small_pixels(0))
     engine._context.fail_enqueue = True  # type: ignore[union-attr]
@@ -501,7 +469,6 @@ class FakeCudart:
     class cudaMemcpyKind(enum.IntEnum):
         cudaMemcpyHostToDevice = 1
         cudaMemcpyDeviceToHost = 2
-        cudaMemcpyDeviceToDevice = 3
 
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
@@ -580,25 +547,6 @@ def test_cuda_allocation_is_stream_ordered_and_freed_on_the_stream_while_open(fa
     gc.collect()
     assert fake_cudart.named("cudaFreeAsync") == [("cudaFreeAsync", address, 77)]
     assert fake_cudart.allocations == {}
-    memory.close()
-
-
-def test_cuda_device_to_device_copy_runs_on_the_stream(fake_cudart):
-    memory = cuda_runtime.CudaRuntimeMemory()
-    source, destination = memory.allocate(32), memory.allocate(32)
-    memory.copy_in(source.address, np.arange(8, dtype=np.float32))
-    memory.copy_device(destination.address, source.address, 32)
-    assert fake_cudart.calls[-1] == (
-        "cudaMemcpyAsync",
-        destination.address,
-        source.address,
-        32,
-        FakeCudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice,
-        77,
-    )
-    back = np.empty(8, np.float32)
-    memory.copy_to_host(destination.address, back)
-    np.testing.assert_array_equal(back, np.arange(8, dtype=np.float32))
     memory.close()
 
 
