@@ -100,26 +100,37 @@ def test_a_failed_rebuild_keeps_the_stale_plans_the_manifest_records(model_dir: 
     assert not list(model_dir.glob(".tensorrt-staging-*"))
 
 
-class SlowBuilder(FakeBuilder):
+class WaitingBuilder(FakeBuilder):
+    """Builds only once the other replica is waiting for the lock: the two overlap however loaded the machine."""
+
+    def __init__(self, trt, logger, other_waits: threading.Event) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(trt, logger)
+        self.other_waits = other_waits
+
     def build_serialized_network(self, network, config):  # type: ignore[no-untyped-def]
-        time.sleep(0.3)  # long enough for the second replica to arrive while the first builds
+        assert self.other_waits.wait(timeout=60), "the second replica never waited for the first one's build"
         return super().build_serialized_network(network, config)
 
 
 def test_replicas_starting_together_build_once(model_dir: Path):
-    fake = FakeTensorRT()
-    fake.Builder = lambda logger: SlowBuilder(fake, logger)  # type: ignore[method-assign]
+    fake, other_waits = FakeTensorRT(), threading.Event()
+    fake.Builder = lambda logger: WaitingBuilder(fake, logger, other_waits)  # type: ignore[method-assign]
     results: list[tuple[object, bool]] = []
     waited: list[str] = []
 
+    def progress(message: str) -> None:
+        waited.append(message)
+        if "another process is building plans" in message:
+            other_waits.set()
+
     def replica() -> None:
-        results.append(ensure_plans(model_dir, OPTIONS, trt=fake, gpu=H200, progress=waited.append))
+        results.append(ensure_plans(model_dir, OPTIONS, trt=fake, gpu=H200, progress=progress))
 
     threads = [threading.Thread(target=replica) for _ in range(2)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=30)
+        thread.join(timeout=120)
     assert sorted(built for _, built in results) == [False, True]
     assert results[0][0] == results[1][0] and fake.builds == 2
     assert any("another process is building plans" in message for message in waited)
