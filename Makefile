@@ -13,7 +13,7 @@ OUT ?= loadtests/results
 # torch and torchvision are pinned by the `export` extra; pip takes them from this machine's wheel cache.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test test-all test-docker lint loadtest kernels gpu-wheels gpu-check train-demo eval-demo export-demo clean
+.PHONY: serve test coverage test-all test-docker lint loadtest kernels gpu-wheels gpu-check train-demo eval-demo export-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,9 @@ serve: $(VENV)/.serve-installed
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest
+
+coverage: $(VENV)/.test-installed
+	$(BIN)/python -m pytest --cov=service --cov=models --cov=export --cov-report=term
 
 test-all: $(VENV)/.test-installed
 	$(BIN)/python -m pytest -m ''
