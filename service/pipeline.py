@@ -140,6 +140,7 @@ class Pipeline:
             metrics=metrics,
             memory=MemoryTier(int(settings.cache_memory_mb * 1024 * 1024)),
             redis=redis,
+            chunk_prompts=settings.label_chunk_prompts,
         )
 
     async def start(self) -> None:

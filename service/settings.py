@@ -80,6 +80,12 @@ class Settings(SharedSettings):
     redis_timeout_ms: float = Field(100.0, gt=0, description="Socket timeout of each Redis call.")
     cache_ttl_s: int | None = Field(None, ge=1, description="Expiry of label vectors in Redis; unset: none.")
     cache_memory_mb: float = Field(64.0, ge=0, description="In-process LRU of label vectors, in MiB.")
+    label_chunk_prompts: int = Field(
+        1024,
+        ge=1,
+        description="Prompts encoded and cached together when label vectors are computed: work cut short (a "
+        "deadline, a restart) keeps every finished chunk, and live requests get in between chunks.",
+    )
     default_templates: str = Field(SERVING_PRESET, description="Template preset when a request names none.")
 
     # --- limits ------------------------------------------------------------------------------------------------

@@ -42,9 +42,12 @@ class LabelCache:
         metrics: Metrics,
         memory: MemoryTier,
         redis: RedisTier | None = None,
+        chunk_prompts: int = 1024,
     ) -> None:
+        if chunk_prompts < 1:
+            raise ValueError("chunk_prompts must be >= 1")
         self.namespace, self.dim, self._encode, self._metrics = namespace, dim, encode, metrics
-        self.memory, self.redis = memory, redis
+        self.memory, self.redis, self.chunk_prompts = memory, redis, chunk_prompts
         self._flight: SingleFlight[str, np.ndarray] = SingleFlight()
 
     async def connect(self) -> None:
@@ -100,18 +103,24 @@ class LabelCache:
     async def _resolve(self, templates: tuple[str, ...], owned: dict[str, str], deadline: Deadline) -> dict:
         """Vectors for `owned` (key -> label) from Redis, or encoded; every one lands in the memory tier."""
         vectors = await self.redis.get_many(list(owned)) if self.redis is not None else {}
-        missing = [key for key in owned if key not in vectors]
-        fresh: dict[str, np.ndarray] = {}
-        if missing:
-            encoded = await self._encode_labels(templates, [owned[key] for key in missing], deadline)
-            fresh = dict(zip(missing, encoded, strict=True))
-        vectors.update(fresh)
         for key, vector in vectors.items():
             self.memory.put(key, vector)
-        if fresh and self.redis is not None:
-            # Written before the callers get their answer: one pipelined write is small next to the encoding
-            # that a miss already paid for, and a caller that has its vectors knows other replicas can read them.
-            await self.redis.set_many(fresh)
+        missing = [key for key in owned if key not in vectors]
+        # Chunk by chunk, each cached as soon as it is encoded: work cut short (the deadline passed, everyone
+        # waiting went away, the server stopped) keeps what it finished, so a retry only encodes the rest.
+        # Submitting the chunks one after another also lets live requests' prompts in between them.
+        step = max(1, self.chunk_prompts // len(templates))
+        for start in range(0, len(missing), step):
+            chunk = missing[start : start + step]
+            encoded = await self._encode_labels(templates, [owned[key] for key in chunk], deadline)
+            fresh = dict(zip(chunk, encoded, strict=True))
+            for key, vector in fresh.items():
+                self.memory.put(key, vector)
+            if self.redis is not None:
+                # Written before going on: one pipelined write is small next to the chunk's encoding, and what is
+                # in Redis is what another replica, or this one after a restart, does not encode again.
+                await self.redis.set_many(fresh)
+            vectors.update(fresh)
         return vectors
 
     async def _encode_labels(self, templates: tuple[str, ...], labels: list[str], deadline: Deadline) -> list:

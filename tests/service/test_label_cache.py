@@ -51,11 +51,12 @@ class FakeEncoder:
         self.calls: list[list[str]] = []
         self.delay_s = 0.0
         self.error: Exception | None = None
+        self.fail_call: int | None = None  # the index of the one call that raises `error`
 
     async def __call__(self, prompts: list[str], deadline: Deadline) -> np.ndarray:
         self.calls.append(list(prompts))
         await asyncio.sleep(self.delay_s)  # a real engine yields to the loop; lets concurrent callers pile up
-        if self.error is not None:
+        if self.error is not None and self.fail_call in (None, len(self.calls) - 1):
             raise self.error
         return np.stack([prompt_vector(p) for p in prompts])
 
@@ -199,7 +200,7 @@ async def test_memory_then_redis_then_another_namespace_misses(
 async def test_a_thousand_labels_are_one_encode_call_one_mget_and_one_pipeline(
     make_cache: MakeCache, redis_server: RedisServer, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache, encoder, _ = await make_cache(redis_url=redis_server.url)
+    cache, encoder, _ = await make_cache(redis_url=redis_server.url, chunk_prompts=7000)
     # Commands sent one by one go through Redis.execute_command; a pipeline's commands do not.
     assert cache.redis is not None
     client = cache.redis.client
@@ -398,3 +399,23 @@ async def test_an_encoder_returning_the_wrong_shape_is_an_error(make_cache: Make
     cache, _, _ = await make_cache(encode=broken)
     with pytest.raises(ValueError, match="shape"):
         await cache.label_matrix(["a"], TEMPLATES, DEADLINE)
+
+
+async def test_finished_chunks_stay_cached_when_the_rest_fails(
+    make_cache: MakeCache, redis_server: RedisServer, raw: aioredis.Redis
+) -> None:
+    """Work cut short keeps what it finished: a retry encodes only the labels of the chunks that did not."""
+    cache, encoder, _ = await make_cache(redis_url=redis_server.url, chunk_prompts=6)  # 2 labels x 3 templates
+    labels = [f"chunked {i}" for i in range(7)]
+    encoder.error, encoder.fail_call = RuntimeError("text engine gone mid-way"), 2
+    with pytest.raises(RuntimeError, match="mid-way"):
+        await cache.label_matrix(labels, TEMPLATES, DEADLINE)
+    assert [len(call) for call in encoder.calls] == [6, 6, 6]  # chunks of 2 labels, the third failed
+    assert await raw.exists(*(cache.key(label, TEMPLATES) for label in labels)) == 4
+
+    encoder.error = None
+    matrix = await cache.label_matrix(labels, TEMPLATES, DEADLINE)
+    np.testing.assert_allclose(matrix, np.stack([expected(label) for label in labels]), atol=1e-6)
+    retry = [p for call in encoder.calls[3:] for p in call]
+    assert sorted(retry) == sorted(t.format(label) for label in labels[4:] for t in TEMPLATES)
+    assert [len(call) for call in encoder.calls[3:]] == [6, 3]  # the last chunk holds the one label left
