@@ -33,7 +33,8 @@ class _Item:
     deadline: float  # time.monotonic()
     future: asyncio.Future[Any]
     submitted: float = field(default_factory=time.monotonic)
-    queued: bool = True  # still in the queue, i.e. counted in `depth`
+    queued: bool = True  # still in a queue (live items there count in `depth`)
+    background: bool = False
 
 
 def _row_count(output: Any) -> int | str:
@@ -65,6 +66,9 @@ class DynamicBatcher:
         # One thread of our own: engine calls stay off the event loop and never overlap.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
         self._queue: deque[_Item] = deque()
+        # Work no request waits for (preparing a saved classifier): taken only when no live item waits, one item
+        # per engine call, and not counted against max_queue (its producer submits one item at a time).
+        self._background: deque[_Item] = deque()
         self._depth = 0
         self._arrived = asyncio.Event()
         self._batch: list[_Item] = []  # the worker's current batch; stop() fails it unless the engine has it
@@ -92,8 +96,9 @@ class DynamicBatcher:
             await asyncio.wait({self._worker})  # not `await task`: a worker cancelled elsewhere must not raise here
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def submit(self, rows: np.ndarray, *, deadline: float) -> Any:
-        """Queue `rows` [n, ...] and return the engine's output rows for them, aligned one for one."""
+    async def submit(self, rows: np.ndarray, *, deadline: float, background: bool = False) -> Any:
+        """Queue `rows` [n, ...] and return the engine's output rows for them, aligned one for one. A background
+        item runs only when no live item is waiting, so it should hold at most `max_batch_size` rows."""
         if self._worker is None or self._stopping:
             raise NotReady(f"the {self.name} batcher is not running")
         if rows.ndim == 0 or len(rows) == 0:
@@ -103,12 +108,15 @@ class DynamicBatcher:
             raise DeadlineExceeded(f"the {self.name} request reached its deadline before it was queued")
         # Bounded in rows, the unit of engine work. An item bigger than the whole bound is still accepted on an
         # empty queue: refusing it would make it unservable forever, and it waits behind nobody.
-        if self._depth and self._depth + len(rows) > self.max_queue:
+        if not background and self._depth and self._depth + len(rows) > self.max_queue:
             self._metrics.rejected.labels(self.name, "queue_full").inc()
             raise Overloaded(f"the {self.name} queue is full ({self._depth} of {self.max_queue} rows waiting)")
-        item = _Item(rows, deadline, asyncio.get_running_loop().create_future())
-        self._queue.append(item)
-        self._set_depth(self._depth + len(rows))
+        item = _Item(rows, deadline, asyncio.get_running_loop().create_future(), background=background)
+        if background:
+            self._background.append(item)
+        else:
+            self._queue.append(item)
+            self._set_depth(self._depth + len(rows))
         self._arrived.set()
         try:
             done, _ = await asyncio.wait({item.future}, timeout=deadline - time.monotonic())
@@ -137,12 +145,15 @@ class DynamicBatcher:
         batch: list[_Item] = []
         self._batch, self._in_engine = batch, False
         while not batch:
-            while not self._queue:
+            while not self._queue and not self._background:
                 if self._stopping:
                     return batch
                 self._arrived.clear()
                 await self._arrived.wait()
-            self._take_head(batch)
+            if not self._queue:
+                self._take_head(batch, self._background)
+                return batch  # alone: live items arriving meanwhile wait one engine call at most
+            self._take_head(batch, self._queue)
         first = batch[0].rows
         rows = len(first)
         window_end = time.monotonic() + self._max_wait_s  # the wait counts from taking the first item
@@ -159,14 +170,15 @@ class DynamicBatcher:
             # for the next batch, and so would everything behind it; waiting longer cannot add anything.
             if head.shape[1:] != first.shape[1:] or head.dtype != first.dtype or rows + len(head) > self.max_batch_size:
                 break
-            rows += self._take_head(batch)
+            rows += self._take_head(batch, self._queue)
         return batch
 
-    def _take_head(self, batch: list[_Item]) -> int:
-        """Move the head item into `batch` (or drop it if its deadline passed); return the rows added."""
-        item = self._queue.popleft()
+    def _take_head(self, batch: list[_Item], queue: deque[_Item]) -> int:
+        """Move the head item of `queue` into `batch` (or drop it if its deadline passed); return the rows added."""
+        item = queue.popleft()
         item.queued = False
-        self._set_depth(self._depth - len(item.rows))
+        if not item.background:
+            self._set_depth(self._depth - len(item.rows))
         now = time.monotonic()
         self._metrics.queue_wait_seconds.labels(self.name).observe(now - item.submitted)
         if now >= item.deadline:
@@ -230,8 +242,9 @@ class DynamicBatcher:
         self._stopping = True
         # NotReady, not Overloaded: this instance is going away, so a retry belongs on another one.
         stopped = NotReady(f"the {self.name} batcher is shutting down")
-        waiting = [*self._queue, *(self._batch if in_engine_too or not self._in_engine else [])]
+        waiting = [*self._queue, *self._background, *(self._batch if in_engine_too or not self._in_engine else [])]
         self._queue.clear()
+        self._background.clear()
         self._set_depth(0)
         for item in waiting:
             item.queued = False
@@ -243,9 +256,12 @@ class DynamicBatcher:
             return
         item.future.cancel()
         if item.queued:
-            self._queue.remove(item)
             item.queued = False
-            self._set_depth(self._depth - len(item.rows))
+            if item.background:
+                self._background.remove(item)
+            else:
+                self._queue.remove(item)
+                self._set_depth(self._depth - len(item.rows))
         self._metrics.rejected.labels(self.name, reason).inc()
 
     def _fail(self, item: _Item, error: BaseException, reason: str | None) -> None:

@@ -20,10 +20,20 @@ class TextEncoder:
     def __init__(self, tokenizer: ClipTokenizer, batcher: DynamicBatcher, pool: Executor) -> None:
         self.tokenizer, self._batcher, self._pool = tokenizer, batcher, pool
 
-    async def __call__(self, prompts: list[str], deadline: Deadline) -> np.ndarray:
-        """[len(prompts), D] float32; raises what the batcher raises (deadline, overload)."""
+    async def __call__(self, prompts: list[str], deadline: Deadline, *, background: bool = False) -> np.ndarray:
+        """[len(prompts), D] float32; raises what the batcher raises (deadline, overload). `background` work
+        runs only while no live request waits for the text engine."""
         ids = await asyncio.get_running_loop().run_in_executor(self._pool, self.tokenizer, prompts)
-        return await self._batcher.submit(ids, deadline=deadline.at)
+        if not background:
+            return await self._batcher.submit(ids, deadline=deadline.at)
+        # One engine batch per background item, submitted one after another: a live request arriving meanwhile
+        # waits for one engine call at most.
+        step = self._batcher.max_batch_size
+        parts = [
+            await self._batcher.submit(ids[i : i + step], deadline=deadline.at, background=True)
+            for i in range(0, len(ids), step)
+        ]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     async def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model reads for `texts`, start and end markers included (the OpenAI `usage` field)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -22,8 +23,15 @@ from service.labels.redis_tier import RedisTier
 from service.labels.single_flight import SingleFlight
 from service.metrics import Metrics
 
-# prompts -> [N, D] float32, L2-normalised rows (the service's TextEncoder: tokenizer + batched text engine).
-EncodePrompts = Callable[[list[str], Deadline], Awaitable[np.ndarray]]
+
+class EncodePrompts(Protocol):
+    """prompts -> [N, D] float32, L2-normalised rows (the service's TextEncoder: tokenizer + batched text engine);
+    `background` work waits for live requests."""
+
+    def __call__(
+        self, prompts: list[str], deadline: Deadline, *, background: bool = False
+    ) -> Awaitable[np.ndarray]: ...
+
 
 _DIGEST_CHARS = 16  # 64 bits of sha256: collisions are not a practical concern at label-set sizes.
 
@@ -73,8 +81,11 @@ class LabelCache:
     def _key(self, templates_digest: str, label: str) -> str:
         return f"{self.namespace}:{templates_digest}:{_digest(label)}"
 
-    async def label_matrix(self, labels: Sequence[str], templates: Sequence[str], deadline: Deadline) -> np.ndarray:
-        """[C, D] float32, row i the vector of labels[i]; raises only what `encode` raises."""
+    async def label_matrix(
+        self, labels: Sequence[str], templates: Sequence[str], deadline: Deadline, *, background: bool = False
+    ) -> np.ndarray:
+        """[C, D] float32, row i the vector of labels[i]; raises only what `encode` raises. Misses this call
+        encodes itself run as `background` work when asked (labels already in flight are only waited for)."""
         templates = tuple(templates)
         if not templates:
             raise ValueError("templates must not be empty")  # the mean of no embeddings is undefined
@@ -93,14 +104,29 @@ class LabelCache:
             async def resolve(owned: list[str]) -> dict[str, np.ndarray]:
                 # Runs under this call's deadline even when later calls wait for it too: they share the
                 # request timeout, so the work ends at most their arrival gap before they would give up.
-                return await self._resolve(templates, {key: label_of[key] for key in owned}, deadline)
+                return await self._resolve(templates, {key: label_of[key] for key in owned}, deadline, background)
 
             found.update(await self._flight.get(missing, resolve))
         if not keys:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([found[key] for key in keys])
 
-    async def _resolve(self, templates: tuple[str, ...], owned: dict[str, str], deadline: Deadline) -> dict:
+    async def cached_matrix(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray | None:
+        """The label matrix if every vector is in memory or Redis, else None; never encodes anything."""
+        templates = tuple(templates)
+        tdigest = self._templates_digest(templates)
+        keys = [self._key(tdigest, label) for label in labels]
+        found = {key: vector for key in keys if (vector := self.memory.get(key)) is not None}
+        missing = [key for key in dict.fromkeys(keys) if key not in found]
+        if missing and self.redis is not None:
+            found.update(await self.redis.get_many(missing))
+        if len(found) < len(set(keys)):
+            return None
+        return np.stack([found[key] for key in keys]) if keys else np.zeros((0, self.dim), np.float32)
+
+    async def _resolve(
+        self, templates: tuple[str, ...], owned: dict[str, str], deadline: Deadline, background: bool
+    ) -> dict[str, np.ndarray]:
         """Vectors for `owned` (key -> label) from Redis, or encoded; every one lands in the memory tier."""
         vectors = await self.redis.get_many(list(owned)) if self.redis is not None else {}
         for key, vector in vectors.items():
@@ -112,7 +138,7 @@ class LabelCache:
         step = max(1, self.chunk_prompts // len(templates))
         for start in range(0, len(missing), step):
             chunk = missing[start : start + step]
-            encoded = await self._encode_labels(templates, [owned[key] for key in chunk], deadline)
+            encoded = await self._encode_labels(templates, [owned[key] for key in chunk], deadline, background)
             fresh = dict(zip(chunk, encoded, strict=True))
             for key, vector in fresh.items():
                 self.memory.put(key, vector)
@@ -123,9 +149,11 @@ class LabelCache:
             vectors.update(fresh)
         return vectors
 
-    async def _encode_labels(self, templates: tuple[str, ...], labels: list[str], deadline: Deadline) -> list:
+    async def _encode_labels(
+        self, templates: tuple[str, ...], labels: list[str], deadline: Deadline, background: bool
+    ) -> list[np.ndarray]:
         prompts = [prompt for label in labels for prompt in apply_templates(templates, label)]
-        embeddings = np.asarray(await self._encode(prompts, deadline), dtype=np.float32)
+        embeddings = np.asarray(await self._encode(prompts, deadline, background=background), dtype=np.float32)
         if embeddings.shape != (len(prompts), self.dim):
             raise ValueError(f"encode returned shape {embeddings.shape}, expected {(len(prompts), self.dim)}")
         return [frozen(row) for row in ensemble(embeddings, len(labels))]

@@ -310,3 +310,37 @@ async def test_metrics_follow_engine_calls_and_the_queue(make_batcher, engine, m
     assert metric(metrics, "clipserve_engine_seconds_count") == len(engine.calls)
     assert metric(metrics, "clipserve_queue_wait_seconds_count") == 11
     assert metric(metrics, "clipserve_queue_depth") == 0
+
+
+async def test_background_items_wait_for_live_ones_and_run_alone(make_batcher, engine, metrics):
+    """Preparing a saved classifier must not delay live requests: queued background items run only when no live
+    item waits, one per engine call, and they are not counted against max_queue."""
+    batcher = await make_batcher(max_wait_ms=0, max_queue=2)
+    engine.gate.clear()
+    first = asyncio.create_task(batcher.submit(row(1), deadline=later(), background=True))
+    await engine.wait_entered()  # the engine is busy with the first background item
+    background = [asyncio.create_task(batcher.submit(row(10 + i), deadline=later(), background=True)) for i in range(3)]
+    await asyncio.sleep(0)
+    live = [asyncio.create_task(batcher.submit(row(100 + i), deadline=later())) for i in range(2)]
+    await wait_until(lambda: batcher.depth == 2, "both live items queued")
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(first, *background, *live), 30)
+    order = [[float(v) for v in call.sum(axis=1)] for call in engine.calls]
+    assert order == [[1.0], [100.0, 101.0], [10.0], [11.0], [12.0]]  # live first, joined; background alone
+    assert metric(metrics, "clipserve_rejected_total", reason="queue_full") == 0
+
+
+async def test_a_cancelled_background_item_leaves_its_queue(make_batcher, engine):
+    batcher = await make_batcher()
+    engine.gate.clear()
+    busy = asyncio.create_task(batcher.submit(row(1), deadline=later()))
+    await engine.wait_entered()
+    waiting = asyncio.create_task(batcher.submit(row(2), deadline=later(), background=True))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    engine.gate.set()
+    await asyncio.wait_for(busy, 30)
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert await asyncio.wait_for(batcher.submit(row(3), deadline=later()), 30) is not None
+    assert engine.seen() == [1.0, 3.0]

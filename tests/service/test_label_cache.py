@@ -52,9 +52,11 @@ class FakeEncoder:
         self.delay_s = 0.0
         self.error: Exception | None = None
         self.fail_call: int | None = None  # the index of the one call that raises `error`
+        self.background: list[bool] = []  # per call
 
-    async def __call__(self, prompts: list[str], deadline: Deadline) -> np.ndarray:
+    async def __call__(self, prompts: list[str], deadline: Deadline, *, background: bool = False) -> np.ndarray:
         self.calls.append(list(prompts))
+        self.background.append(background)
         await asyncio.sleep(self.delay_s)  # a real engine yields to the loop; lets concurrent callers pile up
         if self.error is not None and self.fail_call in (None, len(self.calls) - 1):
             raise self.error
@@ -393,7 +395,7 @@ async def test_an_encode_failure_reaches_every_waiter_and_is_not_cached(make_cac
 
 
 async def test_an_encoder_returning_the_wrong_shape_is_an_error(make_cache: MakeCache) -> None:
-    async def broken(prompts: list[str], deadline: Deadline) -> np.ndarray:
+    async def broken(prompts: list[str], deadline: Deadline, *, background: bool = False) -> np.ndarray:
         return np.zeros((len(prompts), DIM + 1), np.float32)
 
     cache, _, _ = await make_cache(encode=broken)
@@ -419,3 +421,17 @@ async def test_finished_chunks_stay_cached_when_the_rest_fails(
     retry = [p for call in encoder.calls[3:] for p in call]
     assert sorted(retry) == sorted(t.format(label) for label in labels[4:] for t in TEMPLATES)
     assert [len(call) for call in encoder.calls[3:]] == [6, 3]  # the last chunk holds the one label left
+
+
+async def test_cached_matrix_reads_memory_and_redis_and_never_encodes(
+    make_cache: MakeCache, redis_server: RedisServer
+) -> None:
+    writer, _, _ = await make_cache(redis_url=redis_server.url)
+    await writer.label_matrix(["in redis"], TEMPLATES, DEADLINE, background=True)
+    cache, encoder, _ = await make_cache(redis_url=redis_server.url)
+    await cache.label_matrix(["in memory"], TEMPLATES, DEADLINE)
+    both = await cache.cached_matrix(["in memory", "in redis", "in memory"], TEMPLATES)
+    assert both is not None and both.shape == (3, DIM)
+    np.testing.assert_allclose(both[1], expected("in redis"), atol=1e-6)
+    assert await cache.cached_matrix(["in memory", "nowhere"], TEMPLATES) is None
+    assert len(encoder.calls) == 1 and encoder.background == [False]

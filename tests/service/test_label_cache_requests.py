@@ -19,7 +19,7 @@ LABELS = ["red circle", "blue triangle"]
 
 
 async def test_template_sets_with_separators_do_not_share_cache_keys():
-    async def encode(prompts: list[str], deadline: Deadline) -> np.ndarray:
+    async def encode(prompts: list[str], deadline: Deadline, *, background: bool = False) -> np.ndarray:
         return np.ones((len(prompts), 4), np.float32) / 2
 
     cache = LabelCache(namespace="t", dim=4, encode=encode, metrics=Metrics(), memory=MemoryTier(1 << 20))
