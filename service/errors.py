@@ -53,6 +53,24 @@ class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
 
 
+class ClassifierNotFound(ServiceError):
+    status, code = 404, "classifier_not_found"
+
+
+class ClassifierNotReady(ServiceError):
+    status, code = 409, "classifier_not_ready"
+
+
+class ClassifierFailed(ServiceError):
+    """Its preparation failed on this replica (the text engine did); PUT the same definition again to retry."""
+
+    status, code = 503, "classifier_failed"
+
+
+class StoreUnavailable(ServiceError):
+    status, code = 503, "store_unavailable"
+
+
 class Overloaded(ServiceError):
     status, code = 503, "overloaded"
 

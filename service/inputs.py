@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 
 from models.templates import TemplateError, resolve_templates
 from service import schemas
+from service.classifiers.store import NAME_PATTERN
 from service.dependencies import pipeline
 from service.errors import InvalidInput, InvalidRequest, NotFound, UnsupportedMediaType
 from service.images import ImageInput, is_image_data_url
@@ -49,11 +50,12 @@ def check_image_count(count: int, settings: Settings, param: str) -> None:
         raise InvalidInput(f"{count} images; the limit is {settings.max_images}", param=param)
 
 
-def check_labels(labels: Sequence[str], settings: Settings, param: str) -> None:
+def check_labels(labels: Sequence[str], settings: Settings, param: str, *, limit: int | None = None) -> None:
+    limit = settings.max_labels if limit is None else limit
     if not labels:
         raise InvalidInput("give at least one label", param=param)
-    if len(labels) > settings.max_labels:
-        raise InvalidInput(f"{len(labels)} labels; the limit is {settings.max_labels}", param=param)
+    if len(labels) > limit:
+        raise InvalidInput(f"{len(labels)} labels; the limit is {limit}", param=param)
     for i, label in enumerate(labels):
         if not label.strip():
             raise InvalidInput(f"{param}[{i}] is empty", param=f"{param}[{i}]")
@@ -109,9 +111,25 @@ class _Input(BaseModel):
 
 class ClassifyInput(_Input):
     images: list[ImageInput]
-    labels: list[str]
+    labels: list[str]  # empty when a saved classifier is named
+    classifier: str | None = None
     templates: tuple[str, ...]  # resolved: a preset name or the server's default becomes its templates
     top_k: int | None = Field(ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _labels_or_classifier(cls, fields: Any) -> Any:
+        if not isinstance(fields, dict):
+            return fields
+        if fields.get("classifier") is None:
+            if fields.get("labels") is None:
+                raise InvalidInput("give labels, or the name of a saved classifier", param="labels")
+            return fields
+        if fields.get("labels") is not None:
+            raise InvalidInput("give labels or a classifier, not both", param="classifier")
+        if fields.get("templates") is not None:
+            raise InvalidInput("a saved classifier has its own templates; do not send templates", param="templates")
+        return fields | {"labels": []}
 
     @field_validator("templates", mode="before")
     @classmethod
@@ -121,10 +139,36 @@ class ClassifyInput(_Input):
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo) -> ClassifyInput:
         settings = _served(info).settings
-        check_labels(self.labels, settings, "labels")
+        if self.classifier is None:
+            check_labels(self.labels, settings, "labels")
         # Multipart's files come as "image", JSON's as "images": the error names the field the client used.
         check_image_count(len(self.images), settings, self.images[0].field if self.images else "images")
-        check_prompts(len(self.labels), len(self.templates), settings)
+        if self.classifier is None:
+            check_prompts(len(self.labels), len(self.templates), settings)
+        return self
+
+
+class ClassifierInput(_Input):
+    """A saved classifier's definition, from PUT /v1/classifiers/{name}."""
+
+    name: str
+    labels: list[str]
+    templates: tuple[str, ...]
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _resolved(cls, templates: Any, info: ValidationInfo) -> tuple[str, ...]:
+        return templates_or_default(templates, _served(info).settings)
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> ClassifierInput:
+        settings = _served(info).settings
+        if not NAME_PATTERN.fullmatch(self.name):
+            raise InvalidInput(
+                "a classifier name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+                param="name",
+            )
+        check_labels(self.labels, settings, "labels", limit=settings.max_classifier_labels)
         return self
 
 
@@ -229,6 +273,7 @@ async def classify_input(request: Request) -> ClassifyInput:
         fields = {
             "images": [ImageInput(data, f"image[{i}]") for i, data in enumerate(form.image)],
             "labels": form.labels,
+            "classifier": form.classifier,
             "templates": _form_templates(form.templates),
             "top_k": form.top_k,
         }
@@ -240,6 +285,11 @@ async def classify_input(request: Request) -> ClassifyInput:
     else:
         raise UnsupportedMediaType(f"content type {content_type}; send application/json or multipart/form-data")
     return validated(ClassifyInput, fields, context)
+
+
+async def classifier_input(name: str, request: Request) -> ClassifierInput:
+    body: schemas.ClassifierRequest = validated(schemas.ClassifierRequest, await request.body())
+    return validated(ClassifierInput, body.model_dump() | {"name": name}, served(request))
 
 
 async def embed_input(request: Request) -> EmbedInput:
@@ -277,6 +327,7 @@ async def _form(request: Request, settings: Settings) -> schemas.ClassifyForm:
         {
             "image": images,
             "labels": _form_labels([v for v in form.getlist("labels") if isinstance(v, str)]),
+            "classifier": _text_field(form.get("classifier")),
             "templates": _text_field(form.get("templates")),
             "top_k": _form_top_k(_text_field(form.get("top_k"))),
         },
@@ -297,8 +348,10 @@ def _json_list(text: str, param: str) -> list[str]:
     return value
 
 
-def _form_labels(values: list[str]) -> list[str]:
-    """Repeated `labels` fields, or one field holding a JSON list, or one comma-separated field."""
+def _form_labels(values: list[str]) -> list[str] | None:
+    """Repeated `labels` fields, or one field holding a JSON list, or one comma-separated field; None if absent."""
+    if not values:
+        return None
     if len(values) == 1:
         text = values[0]
         return _json_list(text, "labels") if text.lstrip().startswith("[") else [v.strip() for v in text.split(",")]

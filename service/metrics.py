@@ -54,6 +54,12 @@ class Metrics:
         self.redis_errors = Counter(
             "clipserve_redis_errors_total", "Failed or timed-out Redis calls.", ["operation"], registry=r
         )
+        self.classifier_prompts = Gauge(
+            "clipserve_classifier_prompts",
+            "Saved classifiers' prompts: prepared so far, and in total.",
+            ["classifier", "kind"],
+            registry=r,
+        )
         self.engine_info = Info("clipserve_engine", "The served model and runtime.", registry=r)
 
     def render(self) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -25,10 +26,12 @@ import numpy as np
 
 from models.scoring import Scoring, cosines, ranked
 from service.batcher import DynamicBatcher
+from service.classifiers.registry import Classifiers
+from service.classifiers.store import DefinitionStore, FileDefinitions, RedisDefinitions, SliceFiles
 from service.deadline import Deadline
 from service.engines.base import EngineError
 from service.engines.factory import EnginePair
-from service.errors import ServiceError
+from service.errors import ServiceError, StoreUnavailable
 from service.gpu.preprocess import make_preprocessor
 from service.gpu.similarity import CudaSimilarity, LabelSet, RankedScores, load_cuda_similarity
 from service.images import ImageInput
@@ -43,6 +46,8 @@ from service.text_encoder import TextEncoder
 if TYPE_CHECKING:
     from service.inputs import ClassifyInput
 
+log = logging.getLogger("clipserve")
+
 CACHE_KEY_VERSION = "v1"  # bump when the vector recipe changes, so old Redis entries are never read
 
 
@@ -53,6 +58,7 @@ class Classification:
     images_ms: float
     labels_ms: float
     similarity_ms: float
+    classifier: str | None = None  # the saved classifier named by the request
 
 
 def _first_service_error(group: BaseExceptionGroup) -> BaseException:
@@ -142,13 +148,27 @@ class Pipeline:
             redis=redis,
             chunk_prompts=settings.label_chunk_prompts,
         )
+        # Saved classifiers: definitions in Redis when configured (every replica sees them), else in the state
+        # directory with their prepared slices, so that a restart keeps them.
+        if settings.redis_url:
+            store: DefinitionStore = RedisDefinitions(settings.redis_url, settings.redis_timeout_ms / 1000)
+            slice_files = None
+        else:
+            store = FileDefinitions(settings.state_dir)
+            slice_files = SliceFiles(settings.state_dir, self.label_cache.namespace)
+        self.classifiers = Classifiers(store, self.label_cache, metrics, slice_files=slice_files)
 
     async def start(self) -> None:
         await self.image_batcher.start()
         await self.text_batcher.start()
         await self.label_cache.connect()
+        try:
+            await self.classifiers.start()
+        except StoreUnavailable as error:  # Redis down at startup: serve anyway; classifiers load on first use
+            log.warning("saved classifiers not loaded: %s", error.message)
 
     async def stop(self) -> None:
+        await self.classifiers.close()  # its background work first: the batchers are about to refuse it
         await self.image_batcher.stop()
         await self.text_batcher.stop()
         await self.label_cache.close()
@@ -189,13 +209,21 @@ class Pipeline:
     # --- requests -----------------------------------------------------------------------------------------------
 
     async def classify(self, request: ClassifyInput, deadline: Deadline) -> Classification:
+        labels, templates, saved = request.labels, request.templates, None
+        if request.classifier is not None:
+            # Before any image work: an unknown or unprepared classifier is answered at once (404, 409).
+            saved = await self.classifiers.ready(request.classifier)
+            labels, templates = saved.definition.labels, saved.definition.templates
+
         async def timed_images() -> tuple[list[Any], float]:
             start = time.perf_counter()
             return await self._image_embeddings(request.images, deadline), _elapsed_ms(start)
 
         async def timed_labels() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
-            return await self.label_cache.label_matrix(request.labels, request.templates, deadline), _elapsed_ms(start)
+            if saved is not None and saved.matrix is not None:
+                return saved.matrix, _elapsed_ms(start)
+            return await self.label_cache.label_matrix(labels, templates, deadline), _elapsed_ms(start)
 
         # TaskGroup: if one half fails (bad image), the other is cancelled rather than left running.
         try:
@@ -209,12 +237,17 @@ class Pipeline:
         if self.cuda_similarity is None:
             result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, request.top_k)
         else:
-            label_set = LabelSet(self._label_set_key(request.labels, request.templates), label_matrix)
+            key = (
+                f"{self.label_cache.namespace}:classifier:{saved.definition.digest}"
+                if saved is not None
+                else self._label_set_key(labels, templates)
+            )
+            label_set = LabelSet(key, label_matrix)
             rank = partial(self.cuda_similarity.rank, labels=label_set, scoring=self.model.scoring, top_k=request.top_k)
             loop = asyncio.get_running_loop()
             parts = [await loop.run_in_executor(self.similarity_pool, rank, part) for part in image_parts]
             result = parts[0] if len(parts) == 1 else RankedScores(*map(np.concatenate, zip(*parts, strict=True)))
-        return Classification(request.labels, result, images_ms, labels_ms, _elapsed_ms(start))
+        return Classification(labels, result, images_ms, labels_ms, _elapsed_ms(start), request.classifier)
 
     def _label_set_key(self, labels: Sequence[str], templates: Sequence[str]) -> str:
         """Names a label matrix by what it is made of, for the GPU's label cache (the vectors' own namespace

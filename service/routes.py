@@ -15,13 +15,17 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import schemas
+from service.classifiers.registry import Classifier
+from service.classifiers.store import Definition
 from service.deadline import Deadline
 from service.dependencies import authorised, pipeline
-from service.errors import ClientClosedRequest, DeadlineExceeded, NotFound
+from service.errors import ClassifierNotFound, ClientClosedRequest, DeadlineExceeded, NotFound
 from service.inputs import (
+    ClassifierInput,
     ClassifyInput,
     EmbeddingsInput,
     EmbedInput,
+    classifier_input,
     classify_input,
     embed_input,
     embeddings_input,
@@ -32,7 +36,7 @@ from service.schemas import request_body
 T = TypeVar("T")
 _DISCONNECT_POLL_S = 0.1
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 413, 415, 422, 503, 504)
+    status: {"model": schemas.ErrorResponse} for status in (400, 401, 404, 409, 413, 415, 422, 503, 504)
 }
 
 
@@ -94,7 +98,7 @@ def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schem
         labels_ms=round(result.labels_ms, 3),
         similarity_ms=round(result.similarity_ms, 3),
     )
-    return schemas.ClassifyResponse(model=p.model.name, results=results, timing=timing)
+    return schemas.ClassifyResponse(model=p.model.name, classifier=result.classifier, results=results, timing=timing)
 
 
 # ------------------------------------------------------------------------------------------------- /classify
@@ -178,6 +182,62 @@ async def openai_embeddings(
     return schemas.OpenAIEmbeddingsResponse(
         data=data, model=p.model.name, usage=schemas.OpenAIUsage(prompt_tokens=tokens, total_tokens=tokens)
     )
+
+
+# ----------------------------------------------------------------------------------------- saved classifiers
+
+
+def _classifier_status(p: Pipeline, classifier: Classifier, *, with_labels: bool = False) -> schemas.ClassifierStatus:
+    definition = classifier.definition
+    return schemas.ClassifierStatus(
+        name=definition.name,
+        status=classifier.status,  # type: ignore[arg-type]
+        label_count=len(definition.labels),
+        templates=list(definition.templates),
+        prompts_prepared=classifier.prompts_prepared,
+        prompts_total=definition.prompts,
+        eta_s=None if classifier.eta_s is None else round(classifier.eta_s, 1),
+        model=p.model.name,
+        content_hash=p.model.content_hash,
+        error=classifier.error,
+        labels=list(definition.labels) if with_labels else None,
+    )
+
+
+@api.put(
+    "/v1/classifiers/{name}",
+    response_model=schemas.ClassifierStatus,
+    status_code=202,
+    summary="Create or replace a saved classifier; its label vectors are prepared in the background",
+    responses={201: {"model": schemas.ClassifierStatus, "description": "Every vector was already cached: ready."}},
+    openapi_extra={"requestBody": request_body(schemas.ClassifierRequest)},
+)
+async def put_classifier(
+    inputs: ClassifierInput = Depends(classifier_input), p: Pipeline = Depends(pipeline)
+) -> JSONResponse:
+    classifier, _ = await p.classifiers.put(Definition.new(inputs.name, inputs.labels, inputs.templates))
+    body = _classifier_status(p, classifier).model_dump(mode="json")
+    return JSONResponse(body, status_code=201 if classifier.status == "ready" else 202)
+
+
+@api.get("/v1/classifiers", response_model=schemas.ClassifierList, summary="The saved classifiers")
+async def list_classifiers(p: Pipeline = Depends(pipeline)) -> schemas.ClassifierList:
+    found = [await p.classifiers.get(name, missing_ok=True) for name in await p.classifiers.names()]
+    return schemas.ClassifierList(data=[_classifier_status(p, c) for c in found if c is not None])
+
+
+@api.get("/v1/classifiers/{name}", response_model=schemas.ClassifierStatus, summary="One saved classifier")
+async def get_classifier(name: str, p: Pipeline = Depends(pipeline)) -> schemas.ClassifierStatus:
+    classifier = await p.classifiers.get(name)
+    assert classifier is not None  # get raises for an unknown name
+    return _classifier_status(p, classifier, with_labels=True)
+
+
+@api.delete("/v1/classifiers/{name}", status_code=204, summary="Delete a saved classifier (and stop preparing it)")
+async def delete_classifier(name: str, p: Pipeline = Depends(pipeline)) -> Response:
+    if not await p.classifiers.delete(name):
+        raise ClassifierNotFound(f"no classifier named {name!r}")
+    return Response(status_code=204)
 
 
 @api.get("/v1/models", response_model=schemas.ModelList, summary="The served model")

@@ -23,7 +23,10 @@ class ClassifyRequest(_Body):
     images: list[str] = Field(
         ..., min_length=1, description="Images as base64 (plain or a data: URL); JPEG, PNG, WebP, GIF, BMP, TIFF."
     )
-    labels: list[str] = Field(..., min_length=1, description="The candidate labels, any text.")
+    labels: list[str] | None = Field(
+        None, min_length=1, description="The candidate labels, any text; or name a saved `classifier` instead."
+    )
+    classifier: str | None = Field(None, description="A saved classifier (PUT /v1/classifiers/{name}) to use.")
     templates: Templates = Field(None, description=_TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
 
@@ -34,9 +37,10 @@ class ClassifyForm(BaseModel):
     image: list[bytes] = Field(
         ..., min_length=1, description="Image files (repeat the field, or use 'images'); any image/* type."
     )
-    labels: list[str] = Field(
-        ..., min_length=1, description="Repeated fields, or one field with a JSON list or comma-separated labels."
+    labels: list[str] | None = Field(
+        None, min_length=1, description="Repeated fields, or one field with a JSON list or comma-separated labels."
     )
+    classifier: str | None = Field(None, description="A saved classifier to use instead of labels.")
     templates: str | None = Field(None, description="A preset name, or a JSON list of templates. " + _TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
 
@@ -64,8 +68,37 @@ class Timing(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str = Field(..., description="Name of the served model.")
+    classifier: str | None = Field(None, description="The saved classifier used, when the request named one.")
     results: list[ImageResult] = Field(..., description="One entry per image, in request order.")
     timing: Timing
+
+
+class ClassifierRequest(_Body):
+    labels: list[str] = Field(
+        ..., min_length=1, description="The classifier's labels (CLIPSERVE_MAX_CLASSIFIER_LABELS)."
+    )
+    templates: Templates = Field(None, description=_TEMPLATES_HELP)
+
+
+class ClassifierStatus(BaseModel):
+    name: str
+    status: Literal["preparing", "ready", "failed"] = Field(
+        ..., description="preparing: label vectors are being computed in the background; /classify answers 409."
+    )
+    label_count: int
+    templates: list[str]
+    prompts_prepared: int = Field(..., description="Labels x templates encoded or found cached so far.")
+    prompts_total: int
+    eta_s: float | None = Field(None, description="Seconds left at this replica's encoding rate, while preparing.")
+    model: str = Field(..., description="The served model the vectors are prepared for.")
+    content_hash: str = Field(..., description="That model's content hash: another model prepares its own vectors.")
+    error: str | None = Field(None, description="Why preparation failed.")
+    labels: list[str] | None = Field(None, description="The labels (GET of one classifier only).")
+
+
+class ClassifierList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ClassifierStatus]
 
 
 class EmbedRequest(_Body):

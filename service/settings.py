@@ -8,6 +8,7 @@ TensorRT precision) are defined once, in `models.settings.SharedSettings`, which
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -86,6 +87,14 @@ class Settings(SharedSettings):
         description="Prompts encoded and cached together when label vectors are computed: work cut short (a "
         "deadline, a restart) keeps every finished chunk, and live requests get in between chunks.",
     )
+    state_dir: Path = Field(
+        default_factory=lambda: (
+            Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "clipserve"
+        ),
+        description="Without Redis, saved classifiers (definitions and prepared vectors) live here, so a restart "
+        "keeps them; with CLIPSERVE_REDIS_URL they live in Redis.",
+    )
+    max_classifier_labels: int = Field(100_000, ge=1, description="Most labels in one saved classifier.")
     default_templates: str = Field(SERVING_PRESET, description="Template preset when a request names none.")
 
     # --- limits ------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,10 +24,15 @@ from service.settings import Settings
 from tests.service.redis_server import RedisServer
 
 
+def _own_state_dir(overrides: dict[str, object]) -> dict[str, object]:
+    """Saved classifiers of one test never meet another's (nor the user's ~/.local/state/clipserve)."""
+    return {"state_dir": tempfile.mkdtemp(prefix="clipserve-state-")} | overrides
+
+
 @asynccontextmanager
 async def running_app(**overrides: object) -> AsyncIterator[tuple[object, httpx.AsyncClient]]:
     """The app with its lifespan run, and an in-process httpx client (ASGI, no sockets)."""
-    app = create_app(Settings(**overrides))  # type: ignore[arg-type]
+    app = create_app(Settings(**_own_state_dir(overrides)))  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://clipserve", timeout=60) as client:
@@ -43,7 +49,7 @@ def free_port() -> int:
 def live_server(**overrides: object) -> Iterator[tuple[object, str]]:
     """A real uvicorn server on a free port in a thread: real HTTP, real connection handling."""
     port = free_port()
-    app = create_app(Settings(port=port, **overrides))  # type: ignore[arg-type]
+    app = create_app(Settings(port=port, **_own_state_dir(overrides)))  # type: ignore[arg-type]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

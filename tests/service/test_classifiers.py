@@ -1,0 +1,192 @@
+"""Saved classifiers through the API: PUT prepares in the background, /classify by name answers as inline labels
+do, the state directory keeps them across a restart without Redis, and Redis shares them between instances."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+import service.app
+from service.engines.factory import EnginePair
+from tests.service.conftest import b64, engine_calls, running_app, shape_png
+
+LABELS = ["red circle", "blue triangle", "green square", "yellow hexagon"]
+
+
+class GatedTextEngine:
+    """The real text engine, held at `gate` while the test keeps it closed; calls past `failing_after` wait for
+    the gate and then fail: preparation in progress, or cut short, on demand."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner, self.gate, self.stalled = inner, threading.Event(), threading.Event()
+        self.gate.set()
+        self.calls = 0
+        self.failing_after: int | None = None
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        failing = self.failing_after is not None and self.calls > self.failing_after
+        if failing:
+            self.stalled.set()
+        assert self.gate.wait(timeout=60), "the test never opened the gate"
+        if failing:
+            raise RuntimeError("the text engine stopped (by the test)")
+        return self.inner(ids)
+
+
+@pytest.fixture
+def gated(monkeypatch: pytest.MonkeyPatch) -> list[GatedTextEngine]:
+    made: list[GatedTextEngine] = []
+    real_build = service.app.build_engines
+
+    def build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        pair = real_build(*args, **kwargs)
+        made.append(GatedTextEngine(pair.text))
+        return EnginePair(image=pair.image, text=made[-1])
+
+    monkeypatch.setattr(service.app, "build_engines", build)
+    return made
+
+
+async def _settled(client, name: str) -> dict:  # type: ignore[no-untyped-def]
+    """The classifier's status once it is no longer preparing (polled: preparation runs in the background)."""
+    for _ in range(6000):
+        status = (await client.get(f"/v1/classifiers/{name}")).json()
+        if status["status"] != "preparing":
+            return status
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} still preparing after a minute: {status}")
+
+
+async def _ready(client, name: str) -> dict:  # type: ignore[no-untyped-def]
+    status = await _settled(client, name)
+    assert status["status"] == "ready", status
+    return status
+
+
+async def test_a_classifier_is_prepared_in_the_background_and_used_by_name(gated) -> None:  # type: ignore[no-untyped-def]
+    images = [b64(shape_png("circle", "red")), b64(shape_png("triangle", "blue"))]
+    async with running_app(label_chunk_prompts=7) as (app, client):  # one label per slice: progress shows
+        gated[-1].gate.clear()
+        put = await client.put("/v1/classifiers/shapes", json={"labels": LABELS, "templates": "simple"})
+        assert put.status_code == 202, put.text
+        assert put.json()["status"] == "preparing" and put.json()["prompts_total"] == 4 * 7
+        refused = await client.post("/classify", json={"images": images, "classifier": "shapes"})
+        assert refused.status_code == 409 and refused.json()["error"]["code"] == "classifier_not_ready"
+        assert "of 28 prompts" in refused.json()["error"]["message"] and "Retry-After" in refused.headers
+        gated[-1].gate.set()
+        status = await _ready(client, "shapes")
+        assert status["prompts_prepared"] == 28 and status["labels"] == LABELS and status["label_count"] == 4
+        assert (
+            app.state.metrics.value("clipserve_classifier_prompts", {"classifier": "shapes", "kind": "prepared"}) == 28
+        )
+
+        by_name = await client.post("/classify", json={"images": images, "classifier": "shapes"})
+        inline = await client.post("/classify", json={"images": images, "labels": LABELS, "templates": "simple"})
+        assert by_name.status_code == 200 and by_name.json()["classifier"] == "shapes"
+        assert by_name.json()["results"] == inline.json()["results"] and inline.json()["classifier"] is None
+        files = [("image", ("a.png", shape_png("circle", "red"), "image/png"))]
+        multipart = await client.post("/classify", files=files, data={"classifier": "shapes"})
+        one = await client.post("/classify", json={"images": images[:1], "classifier": "shapes"})
+        assert multipart.json()["results"] == one.json()["results"]  # the same batch size, the same numbers
+
+        again = await client.put("/v1/classifiers/shapes", json={"labels": LABELS, "templates": "simple"})
+        assert again.status_code == 201 and again.json()["status"] == "ready"  # the same content: nothing to do
+        listed = (await client.get("/v1/classifiers")).json()["data"]
+        assert [c["name"] for c in listed] == ["shapes"] and listed[0]["labels"] is None
+
+        assert (await client.delete("/v1/classifiers/shapes")).status_code == 204
+        gone = await client.post("/classify", json={"images": images, "classifier": "shapes"})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "classifier_not_found"
+        assert (await client.delete("/v1/classifiers/shapes")).status_code == 404
+        assert (await client.get("/v1/classifiers")).json()["data"] == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/classifiers/has%20space", {"labels": ["a"]}, "name"),
+        ("/v1/classifiers/-dash-first", {"labels": ["a"]}, "name"),
+        ("/v1/classifiers/ok", {"labels": ["a", "b", "c", "d"]}, "labels"),  # over max_classifier_labels=3
+        ("/v1/classifiers/ok", {"labels": ["a", " "]}, "labels[1]"),
+        ("/v1/classifiers/ok", {"labels": ["a"], "templates": ["no placeholder"]}, "templates"),
+        ("/v1/classifiers/ok", {"labels": []}, "labels"),
+    ],
+)
+async def test_bad_definitions_are_422s(path: str, body: dict, param: str) -> None:
+    async with running_app(max_classifier_labels=3) as (_, client):
+        response = await client.put(path, json=body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["param"] == param
+
+
+async def test_classify_names_labels_or_a_classifier_not_both() -> None:
+    image = b64(shape_png())
+    async with running_app() as (_, client):
+        both = await client.post("/classify", json={"images": [image], "labels": ["a"], "classifier": "x"})
+        assert both.status_code == 422 and both.json()["error"]["param"] == "classifier"
+        neither = await client.post("/classify", json={"images": [image]})
+        assert neither.status_code == 422 and neither.json()["error"]["param"] == "labels"
+        templates = await client.post("/classify", json={"images": [image], "classifier": "x", "templates": "bare"})
+        assert templates.status_code == 422 and templates.json()["error"]["param"] == "templates"
+        unknown = await client.post("/classify", json={"images": [image], "classifier": "nothing-here"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "classifier_not_found"
+        assert (await client.get("/v1/classifiers/nothing-here")).status_code == 404
+
+
+async def test_a_restart_without_redis_keeps_classifiers_and_their_vectors(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    image = b64(shape_png())
+    async with running_app(state_dir=tmp_path) as (_, client):
+        assert (await client.put("/v1/classifiers/kept", json={"labels": LABELS})).status_code == 202
+        await _ready(client, "kept")
+        before = (await client.post("/classify", json={"images": [image], "classifier": "kept"})).json()
+    async with running_app(state_dir=tmp_path) as (app, client):
+        status = (await client.get("/v1/classifiers/kept")).json()
+        assert status["status"] == "ready"  # from the state directory's slices, at startup
+        after = (await client.post("/classify", json={"images": [image], "classifier": "kept"})).json()
+        assert after["results"] == before["results"]
+        assert engine_calls(app) == 0  # nothing encoded again
+
+
+async def test_a_restart_continues_a_preparation_where_it_stopped(gated, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Twelve labels, a slice (and one engine call) each: the engine fails at the sixth, so five slices are saved;
+    the next start encodes only the other seven."""
+    labels = [f"thing {i}" for i in range(12)]
+    settings = {"state_dir": tmp_path, "label_chunk_prompts": 7, "text_max_batch_size": 7}
+    async with running_app(**settings) as (_, client):
+        engine = gated[-1]
+        engine.failing_after = engine.calls + 5  # after the warm-up's own calls
+        assert (await client.put("/v1/classifiers/half", json={"labels": labels})).status_code == 202
+        status = await _settled(client, "half")
+        assert status["status"] == "failed" and "stopped (by the test)" in status["error"]
+        assert status["prompts_prepared"] == 5 * 7
+        refused = await client.post("/classify", json={"images": [b64(shape_png())], "classifier": "half"})
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "classifier_failed"
+    async with running_app(**settings) as (app, client):
+        status = await _ready(client, "half")
+        assert status["prompts_prepared"] == 12 * 7
+        assert engine_calls(app) == 7  # only the slices not saved before the restart
+
+
+async def test_two_instances_share_classifiers_through_redis(redis_server) -> None:  # type: ignore[no-untyped-def]
+    image = b64(shape_png())
+    async with running_app(redis_url=redis_server.url) as (_, first):
+        assert (await first.put("/v1/classifiers/shared", json={"labels": LABELS})).status_code == 202
+        await _ready(first, "shared")
+        async with running_app(redis_url=redis_server.url) as (second_app, second):
+            status = (await second.get("/v1/classifiers/shared")).json()
+            assert status["status"] == "ready"  # its vectors were all in Redis
+            one = (await first.post("/classify", json={"images": [image], "classifier": "shared"})).json()
+            two = (await second.post("/classify", json={"images": [image], "classifier": "shared"})).json()
+            assert one["results"] == two["results"] and engine_calls(second_app) == 0
+            assert (await second.delete("/v1/classifiers/shared")).status_code == 204
+        # Deleted on the second instance: gone on the first too, which checks the store on each use.
+        assert (await first.get("/v1/classifiers/shared")).status_code == 404
+        gone = await first.post("/classify", json={"images": [image], "classifier": "shared"})
+        assert gone.status_code == 404
