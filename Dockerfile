@@ -33,7 +33,8 @@ RUN ./install.sh app
 FROM ${PYTHON_IMAGE} AS cpu
 RUN groupadd --system --gid 10001 clipserve \
     && useradd --system --uid 10001 --gid clipserve --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin clipserve
+        --shell /usr/sbin/nologin clipserve \
+    && install -d -o clipserve -g clipserve /var/lib/clipserve
 COPY --from=cpu-deps /opt/clipserve /opt/clipserve
 COPY --from=cpu-app /install/ /opt/clipserve/
 COPY --chown=clipserve:clipserve models/demo/repository/ /models/
@@ -42,6 +43,7 @@ ENV PATH=/opt/clipserve/bin:$PATH \
     CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=8000 \
     CLIPSERVE_MODEL_REPOSITORY=/models \
+    CLIPSERVE_STATE_DIR=/var/lib/clipserve \
     CLIPSERVE_ENGINE=onnxruntime
 USER 10001:10001
 WORKDIR /tmp
@@ -60,7 +62,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 clipserve \
     && useradd --system --uid 10001 --gid clipserve --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin clipserve
+        --shell /usr/sbin/nologin clipserve \
+    && install -d -o clipserve -g clipserve /var/lib/clipserve
 
 FROM gpu-base AS gpu-deps
 WORKDIR /src
@@ -101,6 +104,7 @@ ENV PATH=/opt/clipserve/bin:$PATH \
     CLIPSERVE_HOST=0.0.0.0 \
     CLIPSERVE_PORT=8000 \
     CLIPSERVE_MODEL_REPOSITORY=/models \
+    CLIPSERVE_STATE_DIR=/var/lib/clipserve \
     CLIPSERVE_ENGINE=tensorrt
 USER 10001:10001
 WORKDIR /tmp

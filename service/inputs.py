@@ -22,6 +22,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.datastructures import UploadFile
 
+from models.label_sets import UnknownLabelSet, builtin_label_set
 from models.templates import TemplateError, resolve_templates
 from service import schemas
 from service.classifiers.store import NAME_PATTERN
@@ -149,11 +150,26 @@ class ClassifyInput(_Input):
 
 
 class ClassifierInput(_Input):
-    """A saved classifier's definition, from PUT /v1/classifiers/{name}."""
+    """A saved classifier's definition, from PUT /v1/classifiers/{name}: labels, or a built-in label set."""
 
     name: str
     labels: list[str]
     templates: tuple[str, ...]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _labels_or_builtin(cls, fields: Any) -> Any:
+        if not isinstance(fields, dict) or fields.get("builtin") is None:
+            if isinstance(fields, dict) and fields.get("labels") is None:
+                raise InvalidInput("give labels, or a built-in label set ('builtin')", param="labels")
+            return fields
+        if fields.get("labels") is not None:
+            raise InvalidInput("give labels or a built-in label set, not both", param="builtin")
+        try:
+            labels, preset = builtin_label_set(fields["builtin"])
+        except UnknownLabelSet as error:
+            raise InvalidInput(str(error), param="builtin") from error
+        return fields | {"labels": list(labels), "templates": fields.get("templates") or preset}
 
     @field_validator("templates", mode="before")
     @classmethod

@@ -74,8 +74,13 @@ class ClassifyResponse(BaseModel):
 
 
 class ClassifierRequest(_Body):
-    labels: list[str] = Field(
-        ..., min_length=1, description="The classifier's labels (CLIPSERVE_MAX_CLASSIFIER_LABELS)."
+    labels: list[str] | None = Field(
+        None, min_length=1, description="The classifier's labels (up to CLIPSERVE_MAX_CLASSIFIER_LABELS)."
+    )
+    builtin: str | None = Field(
+        None,
+        description='A built-in label set instead of labels: "imagenet-1k" (the 1,000 ImageNet classes, with the '
+        "paper's 80 templates unless templates are given).",
     )
     templates: Templates = Field(None, description=_TEMPLATES_HELP)
 

@@ -87,8 +87,14 @@ class FileDefinitions:
         self.directory = state_dir / "classifiers"
 
     async def save(self, definition: Definition) -> None:
-        _atomic_write(self.directory / f"{definition.name}.json", definition.model_dump_json().encode())
-        _atomic_write(self.directory / f"{definition.name}.digest", definition.digest.encode())
+        try:
+            _atomic_write(self.directory / f"{definition.name}.json", definition.model_dump_json().encode())
+            _atomic_write(self.directory / f"{definition.name}.digest", definition.digest.encode())
+        except OSError as error:
+            raise StoreUnavailable(
+                f"cannot save the classifier in {self.directory} ({error.strerror}); set CLIPSERVE_STATE_DIR to a "
+                "writable directory, or CLIPSERVE_REDIS_URL"
+            ) from error
 
     async def digest(self, name: str) -> str | None:
         path = self.directory / f"{name}.digest"

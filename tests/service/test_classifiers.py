@@ -117,6 +117,9 @@ async def test_a_classifier_is_prepared_in_the_background_and_used_by_name(gated
         ("/v1/classifiers/ok", {"labels": ["a", " "]}, "labels[1]"),
         ("/v1/classifiers/ok", {"labels": ["a"], "templates": ["no placeholder"]}, "templates"),
         ("/v1/classifiers/ok", {"labels": []}, "labels"),
+        ("/v1/classifiers/ok", {}, "labels"),
+        ("/v1/classifiers/ok", {"builtin": "imagenet-22k"}, "builtin"),
+        ("/v1/classifiers/ok", {"builtin": "imagenet-1k", "labels": ["a"]}, "builtin"),
     ],
 )
 async def test_bad_definitions_are_422s(path: str, body: dict, param: str) -> None:
@@ -190,3 +193,34 @@ async def test_two_instances_share_classifiers_through_redis(redis_server) -> No
         assert (await first.get("/v1/classifiers/shared")).status_code == 404
         gone = await first.post("/classify", json={"images": [image], "classifier": "shared"})
         assert gone.status_code == 404
+
+
+async def test_an_unwritable_state_directory_is_a_clear_503(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    blocked = tmp_path / "a file, not a directory"
+    blocked.write_text("")
+    async with running_app(state_dir=blocked) as (_, client):
+        response = await client.put("/v1/classifiers/x", json={"labels": ["a"]})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "store_unavailable"
+        assert "CLIPSERVE_STATE_DIR" in response.json()["error"]["message"]
+        assert (await client.post("/classify", json={"images": [b64(shape_png())], "labels": ["a"]})).status_code == 200
+
+
+async def test_imagenet_1k_with_the_80_templates_is_prepared_with_one_call() -> None:
+    """The paper's headline case on the demo model: 1,000 classes x 80 templates = 80,000 prompts, prepared in the
+    background with rising progress, then the same probabilities by name as with the labels inline."""
+    image = b64(shape_png("circle", "red"))
+    async with running_app(request_timeout_s=300) as (_, client):
+        put = await client.put("/v1/classifiers/imagenet", json={"builtin": "imagenet-1k"})
+        assert put.status_code == 202 and put.json()["prompts_total"] == 80_000
+        progress = []
+        while (status := (await client.get("/v1/classifiers/imagenet")).json())["status"] == "preparing":
+            progress.append(status["prompts_prepared"])
+            await asyncio.sleep(0.2)
+        assert status["status"] == "ready" and status["label_count"] == 1000
+        assert progress == sorted(progress) and len(set(progress)) >= 3, progress  # it rose, step by step
+        by_name = await client.post("/classify", json={"images": [image], "classifier": "imagenet", "top_k": 5})
+        labels = status["labels"]
+        body = {"images": [image], "labels": labels, "templates": "imagenet", "top_k": 5}
+        inline = await client.post("/classify", json=body)
+        assert by_name.status_code == inline.status_code == 200
+        assert by_name.json()["results"] == inline.json()["results"]
