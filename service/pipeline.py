@@ -34,7 +34,7 @@ from service.engines.factory import EnginePair
 from service.errors import ServiceError, StoreUnavailable
 from service.gpu.preprocess import make_preprocessor
 from service.gpu.similarity import CudaSimilarity, LabelSet, RankedScores, load_cuda_similarity
-from service.images import ImageInput
+from service.image_encoder import ImageEncoder
 from service.labels.cache import LabelCache
 from service.labels.memory import MemoryTier
 from service.labels.redis_tier import RedisTier
@@ -124,6 +124,9 @@ class Pipeline:
             metrics=metrics,
         )
         self.encode_texts = TextEncoder(model.tokenizer, self.text_batcher, self.decode_pool)
+        self.encode_images = ImageEncoder(
+            self.preprocess_image, self.image_batcher, self.decode_pool, metrics, on_device=bool(self.cuda_similarity)
+        )
         dim = model.manifest.embed_dim
         redis = (
             RedisTier(
@@ -177,35 +180,6 @@ class Pipeline:
             self.cuda_similarity.close()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
-    # --- images -------------------------------------------------------------------------------------------------
-
-    def _preprocess_one(self, image: ImageInput) -> np.ndarray:
-        start = time.perf_counter()
-        pixels = self.preprocess_image(image.decoded(), image.param)
-        self.metrics.preprocess_seconds.observe(time.perf_counter() - start)
-        return pixels
-
-    async def _image_embeddings(self, images: Sequence[ImageInput], deadline: Deadline) -> list[Any]:
-        """The engine's output for the images, in parts of at most one engine batch: host arrays, or DeviceArrays
-        on the GPU path (the batcher slices those but cannot join them across engine calls)."""
-        loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self.decode_pool, self._preprocess_one, image) for image in images]
-        pixels = np.stack(await asyncio.gather(*jobs))
-        step = self.image_batcher.max_batch_size if self.cuda_similarity else len(pixels)
-        parts = [
-            self.image_batcher.submit(pixels[i : i + step], deadline=deadline.at) for i in range(0, len(pixels), step)
-        ]
-        return list(await asyncio.gather(*parts))
-
-    async def embed_images(self, images: Sequence[ImageInput], deadline: Deadline) -> np.ndarray:
-        """Normalised image embeddings [N, D] on the host."""
-        parts = await self._image_embeddings(images, deadline)
-        if self.cuda_similarity is None:
-            return parts[0]
-        loop = asyncio.get_running_loop()
-        host = [await loop.run_in_executor(self.decode_pool, part.to_host) for part in parts]  # blocking copies
-        return np.concatenate(host)
-
     # --- requests -----------------------------------------------------------------------------------------------
 
     async def classify(self, request: ClassifyInput, deadline: Deadline) -> Classification:
@@ -217,7 +191,7 @@ class Pipeline:
 
         async def timed_images() -> tuple[list[Any], float]:
             start = time.perf_counter()
-            return await self._image_embeddings(request.images, deadline), _elapsed_ms(start)
+            return await self.encode_images.device_parts(request.images, deadline), _elapsed_ms(start)
 
         async def timed_labels() -> tuple[np.ndarray, float]:
             start = time.perf_counter()

@@ -136,7 +136,7 @@ async def embed(
     async def work() -> schemas.EmbedResponse:
         image_vectors = text_vectors = None
         if inputs.images:
-            image_vectors = _encode(await p.embed_images(inputs.images, deadline), inputs.encoding_format)
+            image_vectors = _encode(await p.encode_images(inputs.images, deadline), inputs.encoding_format)
         if inputs.texts:
             if inputs.templates is not None:
                 vectors = await p.label_cache.label_matrix(inputs.texts, inputs.templates, deadline)
@@ -168,7 +168,7 @@ async def openai_embeddings(
         vectors = np.zeros((len(inputs.inputs), p.model.manifest.embed_dim), np.float32)
         tokens = 0
         if inputs.image_rows:
-            vectors[inputs.image_rows] = await p.embed_images(inputs.images, deadline)
+            vectors[inputs.image_rows] = await p.encode_images(inputs.images, deadline)
         if inputs.text_rows:
             texts = inputs.texts
             vectors[inputs.text_rows], tokens = await asyncio.gather(
