@@ -20,7 +20,7 @@ from typing import Any
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 
 from models.label_sets import UnknownLabelSet, builtin_label_set
 from models.templates import TemplateError, resolve_templates
@@ -116,6 +116,7 @@ class ClassifyInput(_Input):
     classifier: str | None = None
     templates: tuple[str, ...]  # resolved: a preset name or the server's default becomes its templates
     top_k: int | None = Field(ge=1)
+    examples_weight: float | None = Field(None, ge=0)  # a classifier's few-shot examples: None is the default
 
     @model_validator(mode="before")
     @classmethod
@@ -123,6 +124,8 @@ class ClassifyInput(_Input):
         if not isinstance(fields, dict):
             return fields
         if fields.get("classifier") is None:
+            if fields.get("examples_weight") is not None:
+                raise InvalidInput("examples_weight applies to a saved classifier's examples", param="examples_weight")
             if fields.get("labels") is None:
                 raise InvalidInput("give labels, or the name of a saved classifier", param="labels")
             return fields
@@ -292,6 +295,7 @@ async def classify_input(request: Request) -> ClassifyInput:
             "classifier": form.classifier,
             "templates": _form_templates(form.templates),
             "top_k": form.top_k,
+            "examples_weight": form.examples_weight,
         }
     elif content_type.startswith("application/json") or not content_type:
         body: schemas.ClassifyRequest = validated(schemas.ClassifyRequest, await request.body())
@@ -306,6 +310,41 @@ async def classify_input(request: Request) -> ClassifyInput:
 async def classifier_input(name: str, request: Request) -> ClassifierInput:
     body: schemas.ClassifierRequest = validated(schemas.ClassifierRequest, await request.body())
     return validated(ClassifierInput, body.model_dump() | {"name": name}, served(request))
+
+
+class ExamplesInput(_Input):
+    """Few-shot examples for one label of a saved classifier (POST /v1/classifiers/{name}/examples)."""
+
+    name: str
+    label: str
+    images: list[ImageInput]
+
+    @model_validator(mode="after")
+    def _within_limits(self, info: ValidationInfo) -> ExamplesInput:
+        check_image_count(len(self.images), _served(info).settings, self.images[0].field if self.images else "images")
+        return self
+
+
+async def examples_input(name: str, request: Request) -> ExamplesInput:
+    """JSON (`label`, base64 `images`) or multipart (`label` and image files)."""
+    content_type = request.headers.get("content-type", "").lower()
+    context = served(request)
+    if content_type.startswith("multipart/form-data"):
+        settings = context.settings
+        form = await request.form(
+            max_files=settings.max_images + 1, max_fields=16, max_part_size=settings.max_body_bytes
+        )
+        files = await _image_files(form)
+        parsed = validated(schemas.ExamplesForm, {"label": _text_field(form.get("label")), "image": files})
+        images = [ImageInput(data, f"image[{i}]") for i, data in enumerate(parsed.image)]
+        label = parsed.label
+    elif content_type.startswith("application/json") or not content_type:
+        body: schemas.ExamplesRequest = validated(schemas.ExamplesRequest, await request.body())
+        images = [ImageInput(text, f"images[{i}]") for i, text in enumerate(body.images)]
+        label = body.label
+    else:
+        raise UnsupportedMediaType(f"content type {content_type}; send application/json or multipart/form-data")
+    return validated(ExamplesInput, {"name": name, "label": label, "images": images}, context)
 
 
 async def embed_input(request: Request) -> EmbedInput:
@@ -326,6 +365,22 @@ async def _form(request: Request, settings: Settings) -> schemas.ClassifyForm:
     form = await request.form(
         max_files=settings.max_images + 1, max_fields=settings.max_labels + 16, max_part_size=settings.max_body_bytes
     )
+    images = await _image_files(form)
+    return validated(
+        schemas.ClassifyForm,
+        {
+            "image": images,
+            "labels": _form_labels([v for v in form.getlist("labels") if isinstance(v, str)]),
+            "classifier": _text_field(form.get("classifier")),
+            "templates": _text_field(form.get("templates")),
+            "top_k": _form_top_k(_text_field(form.get("top_k"))),
+            "examples_weight": _text_field(form.get("examples_weight")),
+        },
+    )
+
+
+async def _image_files(form: FormData) -> list[bytes]:
+    """The `image` (or `images`) file parts, each checked to be an image upload; at least one."""
     uploads = [v for key in ("image", "images") for v in form.getlist(key)]
     images = []
     for i, upload in enumerate(uploads):
@@ -338,16 +393,7 @@ async def _form(request: Request, settings: Settings) -> schemas.ClassifyForm:
         images.append(await upload.read())
     if not images:
         raise InvalidInput("send at least one 'image' file", param="image")
-    return validated(
-        schemas.ClassifyForm,
-        {
-            "image": images,
-            "labels": _form_labels([v for v in form.getlist("labels") if isinstance(v, str)]),
-            "classifier": _text_field(form.get("classifier")),
-            "templates": _text_field(form.get("templates")),
-            "top_k": _form_top_k(_text_field(form.get("top_k"))),
-        },
-    )
+    return images
 
 
 def _text_field(value: object) -> str | None:

@@ -159,7 +159,15 @@ class Pipeline:
         else:
             store = FileDefinitions(settings.state_dir)
             slice_files = SliceFiles(settings.state_dir, self.label_cache.namespace)
-        self.classifiers = Classifiers(store, self.label_cache, metrics, slice_files=slice_files)
+        self.classifiers = Classifiers(
+            store,
+            self.label_cache,
+            metrics,
+            encode_images=self.encode_images,
+            slice_files=slice_files,
+            max_examples_per_label=settings.max_examples_per_label,
+            max_example_bytes=int(settings.max_example_mb * 1024 * 1024),
+        )
 
     async def start(self) -> None:
         await self.image_batcher.start()
@@ -195,8 +203,8 @@ class Pipeline:
 
         async def timed_labels() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
-            if saved is not None and saved.matrix is not None:
-                return saved.matrix, _elapsed_ms(start)
+            if saved is not None:
+                return saved.matrix_for(request.examples_weight), _elapsed_ms(start)
             return await self.label_cache.label_matrix(labels, templates, deadline), _elapsed_ms(start)
 
         # TaskGroup: if one half fails (bad image), the other is cancelled rather than left running.
@@ -212,7 +220,7 @@ class Pipeline:
             result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, request.top_k)
         else:
             key = (
-                f"{self.label_cache.namespace}:classifier:{saved.definition.digest}"
+                f"{self.label_cache.namespace}:classifier:{saved.definition.digest}:{request.examples_weight}"
                 if saved is not None
                 else self._label_set_key(labels, templates)
             )

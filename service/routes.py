@@ -25,10 +25,12 @@ from service.inputs import (
     ClassifyInput,
     EmbeddingsInput,
     EmbedInput,
+    ExamplesInput,
     classifier_input,
     classify_input,
     embed_input,
     embeddings_input,
+    examples_input,
 )
 from service.pipeline import Pipeline
 from service.schemas import request_body
@@ -200,6 +202,7 @@ def _classifier_status(p: Pipeline, classifier: Classifier, *, with_labels: bool
         model=p.model.name,
         content_hash=p.model.content_hash,
         error=classifier.error,
+        examples_per_label=definition.examples_per_label(),
         labels=list(definition.labels) if with_labels else None,
     )
 
@@ -238,6 +241,31 @@ async def delete_classifier(name: str, p: Pipeline = Depends(pipeline)) -> Respo
     if not await p.classifiers.delete(name):
         raise ClassifierNotFound(f"no classifier named {name!r}")
     return Response(status_code=204)
+
+
+@api.post(
+    "/v1/classifiers/{name}/examples",
+    response_model=schemas.ClassifierStatus,
+    summary="Add few-shot example images to one label of a saved classifier",
+    openapi_extra={"requestBody": request_body(schemas.ExamplesRequest, schemas.ExamplesForm)},
+)
+async def add_examples(
+    inputs: ExamplesInput = Depends(examples_input), p: Pipeline = Depends(pipeline)
+) -> schemas.ClassifierStatus:
+    deadline = Deadline.after(p.settings.request_timeout_s)
+    classifier = await p.classifiers.add_examples(inputs.name, inputs.label, inputs.images, deadline)
+    return _classifier_status(p, classifier)
+
+
+@api.delete(
+    "/v1/classifiers/{name}/examples",
+    response_model=schemas.ClassifierStatus,
+    summary="Remove a label's few-shot examples (?label=...), or all of them",
+)
+async def delete_examples(
+    name: str, label: str | None = None, p: Pipeline = Depends(pipeline)
+) -> schemas.ClassifierStatus:
+    return _classifier_status(p, await p.classifiers.remove_examples(name, label))
 
 
 @api.get("/v1/models", response_model=schemas.ModelList, summary="The served model")

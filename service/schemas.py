@@ -27,6 +27,9 @@ class ClassifyRequest(_Body):
         None, min_length=1, description="The candidate labels, any text; or name a saved `classifier` instead."
     )
     classifier: str | None = Field(None, description="A saved classifier (PUT /v1/classifiers/{name}) to use.")
+    examples_weight: float | None = Field(
+        None, ge=0, description="How much a classifier's few-shot examples count (0: zero-shot); default 1."
+    )
     templates: Templates = Field(None, description=_TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
 
@@ -41,6 +44,7 @@ class ClassifyForm(BaseModel):
         None, min_length=1, description="Repeated fields, or one field with a JSON list or comma-separated labels."
     )
     classifier: str | None = Field(None, description="A saved classifier to use instead of labels.")
+    examples_weight: float | None = Field(None, ge=0, description="How much a classifier's examples count.")
     templates: str | None = Field(None, description="A preset name, or a JSON list of templates. " + _TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
 
@@ -85,6 +89,18 @@ class ClassifierRequest(_Body):
     templates: Templates = Field(None, description=_TEMPLATES_HELP)
 
 
+class ExamplesRequest(_Body):
+    label: str = Field(..., description="One of the classifier's labels.")
+    images: list[str] = Field(..., min_length=1, description="Example images as base64 (plain or a data: URL).")
+
+
+class ExamplesForm(BaseModel):
+    """Examples as multipart/form-data: a `label` field and image files."""
+
+    label: str = Field(..., description="One of the classifier's labels.")
+    image: list[bytes] = Field(..., min_length=1, description="Example image files (repeat the field).")
+
+
 class ClassifierStatus(BaseModel):
     name: str
     status: Literal["preparing", "ready", "failed"] = Field(
@@ -97,6 +113,9 @@ class ClassifierStatus(BaseModel):
     eta_s: float | None = Field(None, description="Seconds left at this replica's encoding rate, while preparing.")
     model: str = Field(..., description="The served model the vectors are prepared for.")
     content_hash: str = Field(..., description="That model's content hash: another model prepares its own vectors.")
+    examples_per_label: dict[str, int] = Field(
+        default_factory=dict, description="Few-shot example images, for the labels that have any."
+    )
     error: str | None = Field(None, description="Why preparation failed.")
     labels: list[str] | None = Field(None, description="The labels (GET of one classifier only).")
 

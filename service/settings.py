@@ -95,6 +95,8 @@ class Settings(SharedSettings):
         "keeps them; with CLIPSERVE_REDIS_URL they live in Redis.",
     )
     max_classifier_labels: int = Field(100_000, ge=1, description="Most labels in one saved classifier.")
+    max_examples_per_label: int = Field(16, ge=1, description="Most few-shot example images per classifier label.")
+    max_example_mb: float = Field(4.0, gt=0, description="Largest few-shot example image file, in MiB.")
     default_templates: str = Field(SERVING_PRESET, description="Template preset when a request names none.")
 
     # --- limits ------------------------------------------------------------------------------------------------

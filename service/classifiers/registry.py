@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.fewshot import DEFAULT_WEIGHT, blend
 from service.classifiers.store import NAME_PATTERN, Definition, DefinitionStore, SliceFiles
 from service.deadline import Deadline
-from service.errors import ClassifierFailed, ClassifierNotFound, ClassifierNotReady
+from service.errors import ClassifierFailed, ClassifierNotFound, ClassifierNotReady, InvalidInput, PayloadTooLarge
+from service.image_encoder import ImageEncoder
+from service.images import ImageInput
 from service.labels.cache import LabelCache
 from service.metrics import Metrics
 
@@ -27,6 +32,10 @@ log = logging.getLogger("clipserve.classifiers")
 
 # Nobody waits for a background preparation; the deadline only has to outlast it.
 _PREPARATION_BUDGET_S = 7 * 24 * 3600.0
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
 
 
 @dataclass(eq=False)
@@ -37,8 +46,28 @@ class Classifier:
     started: float = field(default_factory=time.monotonic)
     encoded_prompts: int = 0  # of prompts_prepared, those this replica encoded (not found cached): for the ETA
     error: str | None = None
-    matrix: np.ndarray | None = None
+    matrix: np.ndarray | None = None  # the zero-shot label vectors, [C, D]
+    embedded: dict[str, np.ndarray] = field(default_factory=dict)  # example image sha -> its embedding
     task: asyncio.Task[None] | None = None
+    _blends: dict[float, np.ndarray] = field(default_factory=dict)
+
+    def matrix_for(self, weight: float | None) -> np.ndarray:
+        """The label matrix /classify scores against: the zero-shot vectors, with the examples blended in
+        (models.fewshot.blend; `weight` None is its default, 0 is zero-shot)."""
+        assert self.matrix is not None
+        weight = DEFAULT_WEIGHT if weight is None else weight
+        if not self.definition.examples or weight == 0:
+            return self.matrix
+        blended = self._blends.get(weight)
+        if blended is None:
+            shas = [sha for _, sha in self.definition.examples]
+            labels = np.array([index for index, _ in self.definition.examples])
+            blended = blend(self.matrix, np.stack([self.embedded[sha] for sha in shas]), labels, weight)
+            blended.flags.writeable = False
+            if len(self._blends) >= 8:  # a few per-request weights at most; the default is the common one
+                self._blends.clear()
+            self._blends[weight] = blended
+        return blended
 
     @property
     def eta_s(self) -> float | None:
@@ -56,9 +85,14 @@ class Classifiers:
         label_cache: LabelCache,
         metrics: Metrics,
         *,
+        encode_images: ImageEncoder,
         slice_files: SliceFiles | None = None,
+        max_examples_per_label: int = 16,
+        max_example_bytes: int = 4 << 20,
     ) -> None:
         self.store, self.label_cache, self.metrics, self.slice_files = store, label_cache, metrics, slice_files
+        self.encode_images = encode_images
+        self.max_examples_per_label, self.max_example_bytes = max_examples_per_label, max_example_bytes
         self._loaded: dict[str, Classifier] = {}
 
     async def start(self) -> None:
@@ -76,12 +110,72 @@ class Classifiers:
         await self.store.close()
 
     async def put(self, definition: Definition) -> tuple[Classifier, bool]:
-        """Creates or replaces; returns the classifier and whether it already existed with the same content."""
+        """Creates or replaces; returns the classifier and whether it already existed with the same labels and
+        templates (then nothing changes, examples included). A replacement keeps the examples of the labels it
+        still has."""
         existing = await self.get(definition.name, missing_ok=True)
-        if existing is not None and existing.definition.digest == definition.digest and existing.status != "failed":
+        same = existing is not None and existing.definition.text_digest == definition.text_digest
+        if same and existing is not None and existing.status != "failed":
             return existing, True
+        if existing is not None:
+            index = {label: i for i, label in enumerate(definition.labels)}
+            kept = [
+                (index[existing.definition.labels[i]], sha)
+                for i, sha in existing.definition.examples
+                if existing.definition.labels[i] in index
+            ]
+            definition = definition.model_copy(update={"examples": tuple(kept)})
         await self.store.save(definition)
-        return await self._adopt(definition), False
+        return await self._adopt(definition, previous=existing), False
+
+    async def add_examples(self, name: str, label: str, images: Sequence[ImageInput], deadline: Deadline) -> Classifier:
+        """Embeds the images (refusing any that do not decode), stores them and adds them to the label."""
+        classifier = await self.get(name)
+        assert classifier is not None
+        definition = classifier.definition
+        if label not in definition.labels:
+            raise InvalidInput(f"{label!r} is not one of classifier {name!r}'s labels", param="label")
+        index = definition.labels.index(label)
+        files = await asyncio.to_thread(lambda: [image.decoded() for image in images])  # base64: off the loop
+        for image, data in zip(images, files, strict=True):
+            if len(data) > self.max_example_bytes:
+                raise PayloadTooLarge(
+                    f"{image.param} is {len(data):,} bytes; an example may have {self.max_example_bytes:,}",
+                    param=image.param,
+                )
+        present = {sha for _, sha in definition.examples}
+        new = {_sha(data): (image.param, data) for image, data in zip(images, files, strict=True)}
+        new = {sha: item for sha, item in new.items() if sha not in present}  # the same image twice counts once
+        count = sum(1 for i, _ in definition.examples if i == index) + len(new)
+        if count > self.max_examples_per_label:
+            raise InvalidInput(
+                f"{label!r} would have {count} examples; the limit is {self.max_examples_per_label} per label "
+                "(CLIPSERVE_MAX_EXAMPLES_PER_LABEL)",
+                param="images",
+            )
+        if not new:
+            return classifier
+        embeddings = await self.encode_images([ImageInput(data, param) for param, data in new.values()], deadline)
+        for sha, (_, data) in new.items():
+            await self.store.save_image(name, sha, data)
+        updated = definition.model_copy(update={"examples": (*definition.examples, *((index, sha) for sha in new))})
+        await self.store.save(updated)
+        return await self._adopt(updated, previous=classifier, embedded=dict(zip(new, embeddings, strict=True)))
+
+    async def remove_examples(self, name: str, label: str | None) -> Classifier:
+        """Removes the examples of `label`, or all of them."""
+        classifier = await self.get(name)
+        assert classifier is not None
+        definition = classifier.definition
+        if label is not None and label not in definition.labels:
+            raise InvalidInput(f"{label!r} is not one of classifier {name!r}'s labels", param="label")
+        drop = None if label is None else definition.labels.index(label)
+        kept = tuple((i, sha) for i, sha in definition.examples if drop is not None and i != drop)
+        updated = definition.model_copy(update={"examples": kept})
+        await self.store.save(updated)
+        for sha in {sha for _, sha in definition.examples} - {sha for _, sha in kept}:
+            await self.store.delete_image(name, sha)
+        return await self._adopt(updated, previous=classifier)
 
     async def get(self, name: str, *, missing_ok: bool = False) -> Classifier | None:
         classifier = None
@@ -94,7 +188,7 @@ class Classifiers:
                 classifier = None
             elif digest is not None and (classifier is None or classifier.definition.digest != digest):
                 definition = await self.store.load(name)
-                classifier = None if definition is None else await self._adopt(definition)
+                classifier = None if definition is None else await self._adopt(definition, previous=classifier)
         if classifier is None and not missing_ok:
             raise ClassifierNotFound(f"no classifier named {name!r}; create it with PUT /v1/classifiers/{name}")
         return classifier
@@ -122,7 +216,7 @@ class Classifiers:
                 f"classifier {name!r} could not be prepared: {classifier.error}; PUT it again to retry",
                 param="classifier",
             )
-        if classifier.matrix is None:
+        if classifier.status != "ready":
             eta = f", about {classifier.eta_s:.0f} s left" if classifier.eta_s is not None else ""
             raise ClassifierNotReady(
                 f"classifier {name!r} is being prepared: {classifier.prompts_prepared:,} of "
@@ -134,17 +228,30 @@ class Classifiers:
 
     # --- preparation ---------------------------------------------------------------------------------------------
 
-    async def _adopt(self, definition: Definition) -> Classifier:
+    async def _adopt(
+        self,
+        definition: Definition,
+        *,
+        previous: Classifier | None = None,
+        embedded: dict[str, np.ndarray] | None = None,
+    ) -> Classifier:
+        """Makes `definition` this replica's classifier of its name, reusing what `previous` (the one it replaces)
+        already has: its label vectors when the labels are the same, its example embeddings (same model)."""
         old = self._loaded.pop(definition.name, None)
         if old is not None:
             self._forget(old)
         classifier = Classifier(definition)
+        wanted = {sha for _, sha in definition.examples}
+        for source in (previous.embedded if previous else {}, embedded or {}):
+            classifier.embedded.update({sha: vector for sha, vector in source.items() if sha in wanted})
         self._loaded[definition.name] = classifier
         self._set_progress(classifier)
-        matrix = await self._cached(definition)
-        if matrix is not None:
+        same_labels = previous is not None and previous.definition.text_digest == definition.text_digest
+        matrix = previous.matrix if same_labels and previous is not None else await self._cached(definition)
+        if matrix is not None and wanted <= set(classifier.embedded):
             self._finish(classifier, matrix)
         else:
+            classifier.matrix = matrix
             classifier.task = asyncio.create_task(self._prepare(classifier), name=f"prepare-{definition.name}")
         return classifier
 
@@ -160,40 +267,59 @@ class Classifiers:
         return await self.label_cache.cached_matrix(definition.labels, definition.templates)
 
     async def _prepare(self, classifier: Classifier) -> None:
-        definition = classifier.definition
-        deadline = Deadline.after(_PREPARATION_BUDGET_S)
-        parts: list[np.ndarray] = []
         try:
-            for start, stop in self._slices(definition):
-                part = self.slice_files.load(definition, start, stop - start) if self.slice_files else None
-                if part is None:
-                    labels = definition.labels[start:stop]
-                    cached = await self.label_cache.cached_matrix(labels, definition.templates)
-                    if cached is None:
-                        part = await self.label_cache.label_matrix(
-                            labels, definition.templates, deadline, background=True
-                        )
-                        classifier.encoded_prompts += len(labels) * len(definition.templates)
-                    else:
-                        part = cached
-                    if self.slice_files is not None:
-                        await asyncio.to_thread(self.slice_files.save, definition, start, part)
-                parts.append(part)
-                classifier.prompts_prepared = stop * len(definition.templates)
-                self._set_progress(classifier)
+            matrix = classifier.matrix if classifier.matrix is not None else await self._prepare_text(classifier)
+            await self._embed_examples(classifier)
         except asyncio.CancelledError:
             raise
-        except Exception as error:  # the text engine failed: say so on GET and /classify, and in the log
-            log.exception("preparing classifier %s failed", definition.name)
+        except Exception as error:  # an engine failed: say so on GET and /classify, and in the log
+            log.exception("preparing classifier %s failed", classifier.definition.name)
             classifier.status, classifier.error = "failed", f"{type(error).__name__}: {error}"
             return
-        self._finish(classifier, np.concatenate(parts))
+        self._finish(classifier, matrix)
+        definition = classifier.definition
         log.info(
-            "classifier %s ready: %d labels x %d templates",
+            "classifier %s ready: %d labels x %d templates, %d examples",
             definition.name,
             len(definition.labels),
             len(definition.templates),
+            len(definition.examples),
         )
+
+    async def _embed_examples(self, classifier: Classifier) -> None:
+        """Embeds the stored example images this replica has no embedding of (a restart, another model)."""
+        missing = [sha for _, sha in classifier.definition.examples if sha not in classifier.embedded]
+        deadline = Deadline.after(_PREPARATION_BUDGET_S)
+        for start in range(0, len(missing), 32):
+            images = []
+            for sha in missing[start : start + 32]:
+                data = await self.store.load_image(classifier.definition.name, sha)
+                if data is None:
+                    raise LookupError(f"example image {sha} is missing from the store")
+                images.append(ImageInput(data, f"example {sha}"))
+            vectors = await self.encode_images(images, deadline)
+            classifier.embedded.update(zip(missing[start : start + 32], vectors, strict=True))
+
+    async def _prepare_text(self, classifier: Classifier) -> np.ndarray:
+        definition = classifier.definition
+        deadline = Deadline.after(_PREPARATION_BUDGET_S)
+        parts: list[np.ndarray] = []
+        for start, stop in self._slices(definition):
+            part = self.slice_files.load(definition, start, stop - start) if self.slice_files else None
+            if part is None:
+                labels = definition.labels[start:stop]
+                cached = await self.label_cache.cached_matrix(labels, definition.templates)
+                if cached is None:
+                    part = await self.label_cache.label_matrix(labels, definition.templates, deadline, background=True)
+                    classifier.encoded_prompts += len(labels) * len(definition.templates)
+                else:
+                    part = cached
+                if self.slice_files is not None:
+                    await asyncio.to_thread(self.slice_files.save, definition, start, part)
+            parts.append(part)
+            classifier.prompts_prepared = stop * len(definition.templates)
+            self._set_progress(classifier)
+        return np.concatenate(parts)
 
     def _finish(self, classifier: Classifier, matrix: np.ndarray) -> None:
         matrix = np.ascontiguousarray(matrix, dtype=np.float32)

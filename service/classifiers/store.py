@@ -37,17 +37,31 @@ class Definition(BaseModel):
     labels: list[str]
     templates: tuple[str, ...]
     created: float  # time.time() of the PUT that made it
+    # Few-shot example images, by (label index, sha256 prefix of the image file); the files live in the store.
+    examples: tuple[tuple[int, str], ...] = ()
 
     @classmethod
     def new(cls, name: str, labels: list[str], templates: tuple[str, ...]) -> Definition:
         return cls(name=name, labels=labels, templates=templates, created=time.time())
 
     @property
-    def digest(self) -> str:
-        """Names the content (labels and templates), not the name: a replaced definition never reuses vectors
-        saved for the old one, and putting the same content twice changes nothing."""
+    def text_digest(self) -> str:
+        """Names the label vectors' content (labels and templates), not the name: a replaced definition never
+        reuses slices saved for the old one, and putting the same labels twice changes nothing."""
         content = json.dumps([self.labels, list(self.templates)], ensure_ascii=False).encode()
         return hashlib.blake2b(content, digest_size=12).hexdigest()
+
+    @property
+    def digest(self) -> str:
+        """The whole content, examples included: what replicas compare to see a change made elsewhere."""
+        content = json.dumps([self.text_digest, [list(example) for example in self.examples]]).encode()
+        return hashlib.blake2b(content, digest_size=12).hexdigest()
+
+    def examples_per_label(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for index, _ in self.examples:
+            counts[self.labels[index]] = counts.get(self.labels[index], 0) + 1
+        return counts
 
     @property
     def prompts(self) -> int:
@@ -66,7 +80,15 @@ class DefinitionStore(Protocol):
 
     async def names(self) -> list[str]: ...
 
-    async def delete(self, name: str) -> bool: ...
+    async def delete(self, name: str) -> bool:
+        """The definition and every example image of it."""
+        ...
+
+    async def save_image(self, name: str, sha: str, data: bytes) -> None: ...
+
+    async def load_image(self, name: str, sha: str) -> bytes | None: ...
+
+    async def delete_image(self, name: str, sha: str) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -112,7 +134,21 @@ class FileDefinitions:
         existed = path.is_file()
         (self.directory / f"{name}.digest").unlink(missing_ok=True)
         path.unlink(missing_ok=True)
+        shutil.rmtree(self.directory / f"{name}.examples", ignore_errors=True)
         return existed
+
+    async def save_image(self, name: str, sha: str, data: bytes) -> None:
+        try:
+            _atomic_write(self.directory / f"{name}.examples" / sha, data)
+        except OSError as error:
+            raise StoreUnavailable(f"cannot save the example in {self.directory} ({error.strerror})") from error
+
+    async def load_image(self, name: str, sha: str) -> bytes | None:
+        path = self.directory / f"{name}.examples" / sha
+        return path.read_bytes() if path.is_file() else None
+
+    async def delete_image(self, name: str, sha: str) -> None:
+        (self.directory / f"{name}.examples" / sha).unlink(missing_ok=True)
 
     async def close(self) -> None:
         return None
@@ -123,6 +159,7 @@ class RedisDefinitions:
 
     PREFIX = "clipserve:classifiers:"
     DIGEST = "#digest"  # not a valid name character: never a classifier's own key
+    EXAMPLE = "#example:"
 
     def __init__(self, url: str, timeout_s: float) -> None:
         # Definitions are few and small; a generous timeout (not the label cache's 100 ms) suits them.
@@ -148,12 +185,23 @@ class RedisDefinitions:
 
     async def names(self) -> list[str]:
         keys = await self._call(self.client.keys(self.PREFIX + "*"))
-        return sorted(
-            name for key in keys if not (name := key.decode().removeprefix(self.PREFIX)).endswith(self.DIGEST)
-        )
+        # "#" is not a name character: it marks a classifier's digest and example keys.
+        return sorted(name for key in keys if "#" not in (name := key.decode().removeprefix(self.PREFIX)))
 
     async def delete(self, name: str) -> bool:
-        return bool(await self._call(self.client.delete(self.PREFIX + name, self.PREFIX + name + self.DIGEST)))
+        images = await self._call(self.client.keys(self.PREFIX + name + self.EXAMPLE + "*"))
+        keys = [self.PREFIX + name, self.PREFIX + name + self.DIGEST, *images]
+        return bool(await self._call(self.client.delete(*keys)))
+
+    async def save_image(self, name: str, sha: str, data: bytes) -> None:
+        await self._call(self.client.set(self.PREFIX + name + self.EXAMPLE + sha, data))
+
+    async def load_image(self, name: str, sha: str) -> bytes | None:
+        raw = await self._call(self.client.get(self.PREFIX + name + self.EXAMPLE + sha))
+        return raw if isinstance(raw, bytes) else None
+
+    async def delete_image(self, name: str, sha: str) -> None:
+        await self._call(self.client.delete(self.PREFIX + name + self.EXAMPLE + sha))
 
     async def close(self) -> None:
         with contextlib.suppress(RedisError, OSError):
@@ -169,7 +217,7 @@ class SliceFiles:
         self.model = hashlib.blake2b(namespace.encode(), digest_size=8).hexdigest()
 
     def _dir(self, definition: Definition) -> Path:
-        return self.root / definition.name / self.model / definition.digest
+        return self.root / definition.name / self.model / definition.text_digest
 
     def load(self, definition: Definition, start: int, rows: int) -> np.ndarray | None:
         path = self._dir(definition) / f"{start:07d}.npy"

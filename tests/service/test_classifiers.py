@@ -224,3 +224,60 @@ async def test_imagenet_1k_with_the_80_templates_is_prepared_with_one_call() -> 
         inline = await client.post("/classify", json=body)
         assert by_name.status_code == inline.status_code == 200
         assert by_name.json()["results"] == inline.json()["results"]
+
+
+WORDS = {"blicket": ("circle", "red"), "dax": ("triangle", "blue"), "wug": ("square", "green")}
+
+
+def _png_for(word: str, size: tuple[int, int]) -> bytes:
+    shape, colour = WORDS[word]
+    return shape_png(shape, colour, size)
+
+
+async def test_few_shot_examples_teach_made_up_words_and_persist(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Words the model never saw: zero-shot is a guess; two examples per word (multipart and JSON) make each
+    fresh image rank its word first; weight 0 gives the zero-shot answer back; examples survive a restart."""
+    settings = {"state_dir": tmp_path, "max_examples_per_label": 2}
+    fresh = [b64(_png_for(word, (240, 180))) for word in WORDS]
+    async with running_app(**settings) as (_, client):
+        assert (await client.put("/v1/classifiers/words", json={"labels": list(WORDS)})).status_code == 202
+        await _ready(client, "words")
+        zero_shot = (await client.post("/classify", json={"images": fresh, "classifier": "words"})).json()
+        guessed = [r["labels"][0]["label"] for r in zero_shot["results"]]
+        assert guessed != list(WORDS), "zero-shot already knew the words: the test would prove nothing"
+        for word in WORDS:
+            files = [("image", (f"{word}.png", _png_for(word, (160, 120)), "image/png"))]
+            added = await client.post("/v1/classifiers/words/examples", files=files, data={"label": word})
+            assert added.status_code == 200, added.text
+            body = {"label": word, "images": [b64(_png_for(word, (200, 200)))]}
+            assert (await client.post("/v1/classifiers/words/examples", json=body)).status_code == 200
+        status = await _ready(client, "words")
+        assert status["examples_per_label"] == dict.fromkeys(WORDS, 2)
+        taught = (await client.post("/classify", json={"images": fresh, "classifier": "words"})).json()
+        assert [r["labels"][0]["label"] for r in taught["results"]] == list(WORDS)
+        weightless = await client.post("/classify", json={"images": fresh, "classifier": "words", "examples_weight": 0})
+        assert weightless.json()["results"] == zero_shot["results"]
+
+        one_more = {"label": "dax", "images": [b64(_png_for("dax", (300, 100)))]}
+        over = await client.post("/v1/classifiers/words/examples", json=one_more)
+        assert over.status_code == 422 and over.json()["error"]["param"] == "images"
+        unknown = await client.post("/v1/classifiers/words/examples", json={"label": "zorp", "images": fresh[:1]})
+        assert unknown.status_code == 422 and unknown.json()["error"]["param"] == "label"
+        broken = {"label": "dax", "images": [b64(b"not an image")]}
+        assert (await client.post("/v1/classifiers/words/examples", json=broken)).status_code in (415, 422)
+        not_image = [("image", ("notes.txt", b"hello", "text/plain"))]
+        refused = await client.post("/v1/classifiers/words/examples", files=not_image, data={"label": "dax"})
+        assert refused.status_code == 415
+        inline = await client.post("/classify", json={"images": fresh, "labels": ["a"], "examples_weight": 1})
+        assert inline.status_code == 422 and inline.json()["error"]["param"] == "examples_weight"
+    async with running_app(**settings) as (_, client):
+        status = await _ready(client, "words")  # the example images re-embedded from the state directory
+        assert status["examples_per_label"] == dict.fromkeys(WORDS, 2)
+        again = (await client.post("/classify", json={"images": fresh, "classifier": "words"})).json()
+        assert again["results"] == taught["results"]
+        removed = await client.delete("/v1/classifiers/words/examples", params={"label": "dax"})
+        assert removed.status_code == 200 and removed.json()["examples_per_label"] == {"blicket": 2, "wug": 2}
+        cleared = await client.delete("/v1/classifiers/words/examples")
+        assert cleared.json()["examples_per_label"] == {}
+        back = (await client.post("/classify", json={"images": fresh, "classifier": "words"})).json()
+        assert back["results"] == zero_shot["results"]
