@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import typer
 
@@ -36,6 +37,38 @@ def serve(
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
     )
+
+
+@app.command("upload-examples")
+def upload_examples(
+    folder: Path = typer.Argument(..., exists=True, file_okay=False, help="One sub-folder of images per label."),
+    classifier: str = typer.Option(..., "--classifier", "-c", help="Saved classifier (created if missing)."),
+    url: str = typer.Option("http://127.0.0.1:8000", help="The running service."),
+    templates: str | None = typer.Option(None, help="Template preset when the classifier is created."),
+    api_key: str | None = typer.Option(None, envvar="CLIPSERVE_API_KEY", help="Bearer key, if the service wants one."),
+    batch: int = typer.Option(8, min=1, help="Images per request."),
+) -> None:
+    """Upload an ImageFolder to a saved classifier as few-shot examples (each sub-folder name is a label)."""
+    from service.examples_upload import Client, image_folder, upload
+
+    images = image_folder(folder)
+    total = sum(len(paths) for paths in images.values())
+    if not total:
+        typer.echo(f"no images in the sub-folders of {folder}", err=True)
+        raise typer.Exit(2)
+    with typer.progressbar(length=total, label=f"{len(images)} labels, {total} images") as bar:
+        try:
+            report = upload(
+                Client(url, api_key), classifier, images, templates=templates, batch=batch, progress=bar.update
+            )
+        except (RuntimeError, OSError) as error:
+            typer.echo(f"\nclipserve upload-examples: {error}", err=True)
+            raise typer.Exit(1) from None
+    for line in report.refused:
+        typer.echo(f"refused {line}", err=True)
+    typer.echo(f"sent {report.sent} of {total} images to classifier {classifier!r}")
+    if report.refused:
+        raise typer.Exit(1)
 
 
 def _register_plugins() -> None:

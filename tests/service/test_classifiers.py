@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import httpx
 import numpy as np
 import pytest
 
 import service.app
 from service.engines.factory import EnginePair
-from tests.service.conftest import b64, engine_calls, running_app, shape_png
+from tests.service.conftest import b64, engine_calls, live_server, running_app, shape_png
 
 LABELS = ["red circle", "blue triangle", "green square", "yellow hexagon"]
 
@@ -281,3 +282,25 @@ async def test_few_shot_examples_teach_made_up_words_and_persist(tmp_path) -> No
         assert cleared.json()["examples_per_label"] == {}
         back = (await client.post("/classify", json={"images": fresh, "classifier": "words"})).json()
         assert back["results"] == zero_shot["results"]
+
+
+def test_upload_examples_sends_an_image_folder_with_progress(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The CLI against a real server: the classifier is made from the folder names, every image is sent in
+    batches, and a file the service refuses is reported without stopping the rest."""
+    from typer.testing import CliRunner
+
+    from service.cli import app as cli
+
+    folder = tmp_path / "words"
+    for word in WORDS:
+        (folder / word).mkdir(parents=True)
+        for i, size in enumerate([(120, 90), (200, 150), (260, 200)]):
+            (folder / word / f"{i}.png").write_bytes(_png_for(word, size))
+    (folder / "wug" / "broken.png").write_bytes(b"not a png")
+    with live_server(state_dir=tmp_path / "state", max_examples_per_label=4) as (_, url):
+        result = CliRunner().invoke(cli, ["upload-examples", str(folder), "-c", "words", "--url", url, "--batch", "2"])
+        assert result.exit_code == 1, result.output  # one file was refused
+        assert "sent 9 of 10 images" in result.output and "refused" in result.output and "broken.png" in result.output
+        status = httpx.get(f"{url}/v1/classifiers/words").json()
+        # the batch holding the broken file was refused as a whole, then sent again a file at a time
+        assert status["labels"] == list(WORDS) and status["examples_per_label"] == dict.fromkeys(WORDS, 3)
