@@ -304,3 +304,28 @@ def test_upload_examples_sends_an_image_folder_with_progress(tmp_path) -> None: 
         status = httpx.get(f"{url}/v1/classifiers/words").json()
         # the batch holding the broken file was refused as a whole, then sent again a file at a time
         assert status["labels"] == list(WORDS) and status["examples_per_label"] == dict.fromkeys(WORDS, 3)
+
+
+async def test_a_classifier_deleted_while_preparing_stops_and_is_gone(gated) -> None:  # type: ignore[no-untyped-def]
+    async with running_app(label_chunk_prompts=7, text_max_batch_size=7) as (app, client):
+        engine = gated[-1]
+        engine.gate.clear()  # the first slice's engine call waits
+        assert (await client.put("/v1/classifiers/brief", json={"labels": LABELS})).status_code == 202
+        assert (await client.delete("/v1/classifiers/brief")).status_code == 204
+        calls = engine.calls
+        engine.gate.set()
+        assert (await client.get("/v1/classifiers/brief")).status_code == 404
+        gone = await client.post("/classify", json={"images": [b64(shape_png())], "classifier": "brief"})
+        assert gone.status_code == 404
+        # the inline request below runs on the same text engine: the cancelled preparation adds nothing to it
+        inline = await client.post("/classify", json={"images": [b64(shape_png())], "labels": ["one new label"]})
+        assert inline.status_code == 200 and engine.calls <= calls + 1 + 1  # the call in flight, and the inline one
+        assert app.state.metrics.value("clipserve_classifier_prompts", {"classifier": "brief", "kind": "total"}) == 0
+
+
+async def test_an_example_over_the_size_limit_is_a_413(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with running_app(state_dir=tmp_path, max_example_mb=0.001) as (_, client):  # about 1 KB
+        assert (await client.put("/v1/classifiers/small", json={"labels": ["dax"]})).status_code in (201, 202)
+        big = {"label": "dax", "images": [b64(_png_for("dax", (400, 300)))]}
+        response = await client.post("/v1/classifiers/small/examples", json=big)
+        assert response.status_code == 413 and response.json()["error"]["param"] == "images[0]"
