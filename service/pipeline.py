@@ -123,7 +123,9 @@ class Pipeline:
             max_queue=settings.text_max_queue,
             metrics=metrics,
         )
-        self.encode_texts = TextEncoder(model.tokenizer, self.text_batcher, self.decode_pool)
+        self.encode_texts = TextEncoder(
+            model.tokenizer, self.text_batcher, self.decode_pool, background_batch=settings.background_batch_size
+        )
         self.encode_images = ImageEncoder(
             self.preprocess_image, self.image_batcher, self.decode_pool, metrics, on_device=bool(self.cuda_similarity)
         )

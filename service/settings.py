@@ -73,6 +73,12 @@ class Settings(SharedSettings):
     max_queue: int = Field(512, ge=1, description="Images waiting for the engine before requests get 503.")
     text_max_batch_size: int = Field(256, ge=1, description="Most prompts per text-engine call.")
     text_max_wait_ms: float = Field(2.0, ge=0, description="Longest a prompt waits for others to join.")
+    background_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Prompts per text-engine call for background work (preparing saved classifiers): a live "
+        "request waits for at most one such call.",
+    )
     text_max_queue: int = Field(16384, ge=1, description="Prompts waiting for the text engine before 503.")
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline of one request; 504 when missed.")
 
