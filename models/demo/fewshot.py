@@ -21,7 +21,8 @@ from models.fewshot import DEFAULT_WEIGHT, blend
 from models.preprocess import ImageTransform, PreprocessConfig
 from models.templates import EVALUATION_PRESET, PRESETS
 
-EXAMPLE_COUNTS = (0, 1, 2, 4, 8)
+# 32: far more than "a few", to show where this image encoder's embeddings top out whatever the method.
+EXAMPLE_COUNTS = (0, 1, 2, 4, 8, 32)
 MADE_UP_WORDS = ("blicket", "dax", "wug", "toma", "fep", "zorp", "kiki", "bouba", "glorp", "snib")
 # One composition per word, spread over colours and shapes.
 WORD_COMPOSITIONS = tuple(shapes.ALL_COMPOSITIONS[(7 * i) % len(shapes.ALL_COMPOSITIONS)] for i in range(10))
@@ -116,7 +117,9 @@ def markdown_report(results: dict[int, dict[str, float]], header: str) -> str:
         "",
         f"Method: `models.fewshot.blend`, weight {DEFAULT_WEIGHT:g} (each label's text vector plus sqrt(examples) x "
         "its normalised mean example embedding, renormalised). Targets from issue 11: held-out ≥ 95 % with 1 "
-        "example and ≥ 97 % with 4, seen ≥ 99 %, made-up words ≥ 95 %.",
+        "example and ≥ 97 % with 4, seen ≥ 99 %, made-up words ≥ 95 %. The 32-example row is far more than a few: "
+        "even there no method reaches 97 % on held-out compositions. The zero-shot errors are mostly small hexagons "
+        "taken for circles and back, which this image encoder's embeddings barely separate.",
         "",
         "| examples per label | held-out compositions (40-way) | seen compositions (40-way) | made-up words (10-way) "
         "| held-out, Tip-Adapter | held-out, Gaussian head |",
