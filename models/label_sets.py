@@ -2,7 +2,7 @@
 
 `imagenet-1k`: the 1,000 ImageNet class names as the CLIP paper's zero-shot evaluation words them (the list
 open_clip ships as IMAGENET_CLASSNAMES; a test checks the committed file against it), with the paper's 80
-templates. Two names appear twice ("crane", "maillot"): the list keeps ImageNet's class order and indices.
+templates. Two names appear twice ("missile", "sunglasses"): the list keeps ImageNet's class order and indices.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mimetypes
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +31,8 @@ def image_folder(root: Path) -> dict[str, list[Path]]:
     """label -> its image files, from the sub-folders of `root` (sorted, hidden ones skipped)."""
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     return {
-        folder.name: sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) for folder in folders
+        folder.name: sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for folder in folders
     }
 
 
@@ -46,9 +48,18 @@ class Client:
         request = urllib.request.Request(self.url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                return response.status, json.loads(response.read() or b"{}")
+                return response.status, _json(response.read())
         except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read() or b"{}")
+            return error.code, _json(error.read())
+
+
+def _json(body: bytes) -> dict:
+    """The answer's JSON; a proxy's HTML error page becomes an error of the same shape."""
+    try:
+        value = json.loads(body or b"{}")
+    except json.JSONDecodeError:
+        return {"error": {"message": body[:200].decode(errors="replace")}}
+    return value if isinstance(value, dict) else {}
 
 
 def _multipart(fields: dict[str, str], files: list[Path]) -> tuple[bytes, str]:
@@ -58,7 +69,8 @@ def _multipart(fields: dict[str, str], files: list[Path]) -> tuple[bytes, str]:
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
     for path in files:
         kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+        filename = path.name.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
         parts.append(f"{head}Content-Type: {kind}\r\n\r\n".encode() + path.read_bytes() + b"\r\n")
     parts.append(f"--{boundary}--\r\n".encode())
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
@@ -79,6 +91,7 @@ def upload(
     progress: Callable[[int], None] = lambda _: None,
 ) -> UploadReport:
     """Creates the classifier from the folder's labels if it does not exist, then sends every image."""
+    classifier = urllib.parse.quote(classifier, safe="")
     status, body = client.request("GET", f"/v1/classifiers/{classifier}")
     if status == 404:
         definition = {"labels": list(folder), **({"templates": templates} if templates else {})}

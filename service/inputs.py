@@ -116,7 +116,8 @@ class ClassifyInput(_Input):
     classifier: str | None = None
     templates: tuple[str, ...]  # resolved: a preset name or the server's default becomes its templates
     top_k: int | None = Field(ge=1)
-    examples_weight: float | None = Field(None, ge=0)  # a classifier's few-shot examples: None is the default
+    # A classifier's few-shot examples: None is the default weight; bounded, so the blend stays finite.
+    examples_weight: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -165,6 +166,13 @@ class ClassifierInput(_Input):
         if not isinstance(fields, dict) or fields.get("builtin") is None:
             if isinstance(fields, dict) and fields.get("labels") is None:
                 raise InvalidInput("give labels, or a built-in label set ('builtin')", param="labels")
+            if isinstance(fields, dict):
+                # A label is a row that examples attach to: two rows of the same text would be ambiguous.
+                seen: dict[str, int] = {}
+                for i, label in enumerate(fields["labels"]):
+                    if label in seen:
+                        raise InvalidInput(f"labels[{i}] repeats labels[{seen[label]}]", param=f"labels[{i}]")
+                    seen[label] = i
             return fields
         if fields.get("labels") is not None:
             raise InvalidInput("give labels or a built-in label set, not both", param="builtin")

@@ -28,7 +28,11 @@ class ClassifyRequest(_Body):
     )
     classifier: str | None = Field(None, description="A saved classifier (PUT /v1/classifiers/{name}) to use.")
     examples_weight: float | None = Field(
-        None, ge=0, description="How much a classifier's few-shot examples count (0: zero-shot); default 1."
+        None,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="How much a classifier's few-shot examples count (0: zero-shot); default 1.",
     )
     templates: Templates = Field(None, description=_TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
@@ -44,7 +48,9 @@ class ClassifyForm(BaseModel):
         None, min_length=1, description="Repeated fields, or one field with a JSON list or comma-separated labels."
     )
     classifier: str | None = Field(None, description="A saved classifier to use instead of labels.")
-    examples_weight: float | None = Field(None, ge=0, description="How much a classifier's examples count.")
+    examples_weight: float | None = Field(
+        None, ge=0, le=100, allow_inf_nan=False, description="How much a classifier's examples count."
+    )
     templates: str | None = Field(None, description="A preset name, or a JSON list of templates. " + _TEMPLATES_HELP)
     top_k: int | None = Field(None, ge=1, description="Return only the k most probable labels per image.")
 

@@ -22,7 +22,15 @@ import numpy as np
 from models.fewshot import DEFAULT_WEIGHT, blend
 from service.classifiers.store import NAME_PATTERN, Definition, DefinitionStore, SliceFiles
 from service.deadline import Deadline
-from service.errors import ClassifierFailed, ClassifierNotFound, ClassifierNotReady, InvalidInput, PayloadTooLarge
+from service.errors import (
+    ClassifierFailed,
+    ClassifierNotFound,
+    ClassifierNotReady,
+    InvalidInput,
+    Overloaded,
+    PayloadTooLarge,
+    StoreUnavailable,
+)
 from service.image_encoder import ImageEncoder
 from service.images import ImageInput
 from service.labels.cache import LabelCache
@@ -34,6 +42,22 @@ log = logging.getLogger("clipserve.classifiers")
 _PREPARATION_BUDGET_S = 7 * 24 * 3600.0
 
 
+def _remapped(old: Definition, new: Definition) -> tuple[tuple[int, str], ...]:
+    """`old`'s examples on `new`'s label rows: the same row where the label there is unchanged, else the first row
+    with that label (labels may repeat: ImageNet's list has "missile" and "sunglasses" twice); dropped if gone."""
+    first: dict[str, int] = {}
+    for i, label in enumerate(new.labels):
+        first.setdefault(label, i)
+    kept = []
+    for i, sha in old.examples:
+        label = old.labels[i]
+        if i < len(new.labels) and new.labels[i] == label:
+            kept.append((i, sha))
+        elif label in first:
+            kept.append((first[label], sha))
+    return tuple(kept)
+
+
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
@@ -41,6 +65,7 @@ def _sha(data: bytes) -> str:
 @dataclass(eq=False)
 class Classifier:
     definition: Definition
+    stored_digest: str = ""  # the store's digest string when this was adopted: what get() compares against
     status: str = "preparing"  # preparing | ready | failed
     prompts_prepared: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -94,13 +119,23 @@ class Classifiers:
         self.encode_images = encode_images
         self.max_examples_per_label, self.max_example_bytes = max_examples_per_label, max_example_bytes
         self._loaded: dict[str, Classifier] = {}
+        # One change at a time per classifier on this replica: each is read, await, write.
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
 
     async def start(self) -> None:
         """Prepares every stored definition for the served model (cached slices make this quick)."""
         for name in await self.store.names():
-            definition = await self.store.load(name)
-            if definition is not None:
-                await self._adopt(definition)
+            try:
+                definition = await self.store.load(name)
+                if definition is not None:
+                    await self._adopt(definition)
+            except StoreUnavailable:
+                raise
+            except Exception:  # one unreadable definition must not stop the service
+                log.exception("saved classifier %s could not be loaded; skipped", name)
 
     async def close(self) -> None:
         tasks = [c.task for c in self._loaded.values() if c.task is not None]
@@ -113,23 +148,26 @@ class Classifiers:
         """Creates or replaces; returns the classifier and whether it already existed with the same labels and
         templates (then nothing changes, examples included). A replacement keeps the examples of the labels it
         still has."""
-        existing = await self.get(definition.name, missing_ok=True)
-        same = existing is not None and existing.definition.text_digest == definition.text_digest
-        if same and existing is not None and existing.status != "failed":
-            return existing, True
-        if existing is not None:
-            index = {label: i for i, label in enumerate(definition.labels)}
-            kept = [
-                (index[existing.definition.labels[i]], sha)
-                for i, sha in existing.definition.examples
-                if existing.definition.labels[i] in index
-            ]
-            definition = definition.model_copy(update={"examples": tuple(kept)})
-        await self.store.save(definition)
-        return await self._adopt(definition, previous=existing), False
+        async with self._lock(definition.name):
+            existing = await self.get(definition.name, missing_ok=True)
+            same = existing is not None and existing.definition.text_digest == definition.text_digest
+            if same and existing is not None and existing.status != "failed":
+                return existing, True
+            if existing is not None:
+                definition = definition.model_copy(update={"examples": _remapped(existing.definition, definition)})
+            await self.store.save(definition)
+            if existing is not None:  # images of labels the replacement dropped
+                await self._delete_unreferenced(existing.definition, definition)
+            return await self._adopt(definition, previous=existing), False
 
     async def add_examples(self, name: str, label: str, images: Sequence[ImageInput], deadline: Deadline) -> Classifier:
         """Embeds the images (refusing any that do not decode), stores them and adds them to the label."""
+        async with self._lock(name):
+            return await self._add_examples(name, label, images, deadline)
+
+    async def _add_examples(
+        self, name: str, label: str, images: Sequence[ImageInput], deadline: Deadline
+    ) -> Classifier:
         classifier = await self.get(name)
         assert classifier is not None
         definition = classifier.definition
@@ -164,6 +202,10 @@ class Classifiers:
 
     async def remove_examples(self, name: str, label: str | None) -> Classifier:
         """Removes the examples of `label`, or all of them."""
+        async with self._lock(name):
+            return await self._remove_examples(name, label)
+
+    async def _remove_examples(self, name: str, label: str | None) -> Classifier:
         classifier = await self.get(name)
         assert classifier is not None
         definition = classifier.definition
@@ -173,22 +215,34 @@ class Classifiers:
         kept = tuple((i, sha) for i, sha in definition.examples if drop is not None and i != drop)
         updated = definition.model_copy(update={"examples": kept})
         await self.store.save(updated)
-        for sha in {sha for _, sha in definition.examples} - {sha for _, sha in kept}:
-            await self.store.delete_image(name, sha)
+        await self._delete_unreferenced(definition, updated)
         return await self._adopt(updated, previous=classifier)
+
+    async def _delete_unreferenced(self, old: Definition, new: Definition) -> None:
+        for sha in {sha for _, sha in old.examples} - {sha for _, sha in new.examples}:
+            await self.store.delete_image(old.name, sha)
 
     async def get(self, name: str, *, missing_ok: bool = False) -> Classifier | None:
         classifier = None
         if NAME_PATTERN.fullmatch(name):
             classifier = self._loaded.get(name)
             # The store is the truth: another replica (Redis) may have defined, replaced or deleted it.
-            digest = await self.store.digest(name)
+            try:
+                digest = await self.store.digest(name)
+            except StoreUnavailable:
+                if classifier is None:
+                    raise
+                digest = classifier.stored_digest  # Redis is down: serve what this replica has
             if digest is None and classifier is not None:
                 self._forget(self._loaded.pop(name))
                 classifier = None
-            elif digest is not None and (classifier is None or classifier.definition.digest != digest):
+            elif digest is not None and (classifier is None or classifier.stored_digest != digest):
                 definition = await self.store.load(name)
-                classifier = None if definition is None else await self._adopt(definition, previous=classifier)
+                classifier = (
+                    None
+                    if definition is None
+                    else await self._adopt(definition, previous=classifier, stored_digest=digest)
+                )
         if classifier is None and not missing_ok:
             raise ClassifierNotFound(f"no classifier named {name!r}; create it with PUT /v1/classifiers/{name}")
         return classifier
@@ -199,6 +253,10 @@ class Classifiers:
     async def delete(self, name: str) -> bool:
         if not NAME_PATTERN.fullmatch(name):
             return False  # no such name was ever accepted
+        async with self._lock(name):
+            return await self._delete(name)
+
+    async def _delete(self, name: str) -> bool:
         existed = await self.store.delete(name)
         classifier = self._loaded.pop(name, None)
         if classifier is not None:
@@ -234,20 +292,28 @@ class Classifiers:
         *,
         previous: Classifier | None = None,
         embedded: dict[str, np.ndarray] | None = None,
+        stored_digest: str | None = None,
     ) -> Classifier:
         """Makes `definition` this replica's classifier of its name, reusing what `previous` (the one it replaces)
         already has: its label vectors when the labels are the same, its example embeddings (same model)."""
         old = self._loaded.pop(definition.name, None)
         if old is not None:
             self._forget(old)
-        classifier = Classifier(definition)
+        classifier = Classifier(definition, stored_digest=stored_digest or definition.digest)
         wanted = {sha for _, sha in definition.examples}
         for source in (previous.embedded if previous else {}, embedded or {}):
             classifier.embedded.update({sha: vector for sha, vector in source.items() if sha in wanted})
         self._loaded[definition.name] = classifier
         self._set_progress(classifier)
         same_labels = previous is not None and previous.definition.text_digest == definition.text_digest
-        matrix = previous.matrix if same_labels and previous is not None else await self._cached(definition)
+        try:
+            matrix = previous.matrix if same_labels and previous is not None else await self._cached(definition)
+        except Exception as error:  # an unreadable slice file, Redis gone: say so rather than prepare forever
+            log.exception("classifier %s: cached vectors unreadable", definition.name)
+            classifier.status, classifier.error = "failed", f"{type(error).__name__}: {error}"
+            return classifier
+        if self._loaded.get(definition.name) is not classifier:
+            return classifier  # superseded while awaiting the cache: the newer one prepares, not this one
         if matrix is not None and wanted <= set(classifier.embedded):
             self._finish(classifier, matrix)
         else:
@@ -268,8 +334,20 @@ class Classifiers:
 
     async def _prepare(self, classifier: Classifier) -> None:
         try:
-            matrix = classifier.matrix if classifier.matrix is not None else await self._prepare_text(classifier)
-            await self._embed_examples(classifier)
+            while True:
+                try:
+                    matrix = (
+                        classifier.matrix if classifier.matrix is not None else await self._prepare_text(classifier)
+                    )
+                    await self._embed_examples(classifier)
+                    break
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise
+                    # A computation this one joined was cancelled under it (its other waiters left); finished
+                    # slices are cached, so starting over only redoes the rest.
+                    log.info("classifier %s: shared work was cancelled; continuing", classifier.definition.name)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # an engine failed: say so on GET and /classify, and in the log
@@ -297,7 +375,14 @@ class Classifiers:
                 if data is None:
                     raise LookupError(f"example image {sha} is missing from the store")
                 images.append(ImageInput(data, f"example {sha}"))
-            vectors = await self.encode_images(images, deadline)
+            for attempt in range(120):  # the image queue is the live one: when it is full, wait for room
+                try:
+                    vectors = await self.encode_images(images, deadline)
+                    break
+                except Overloaded:
+                    if attempt == 119:
+                        raise
+                    await asyncio.sleep(1.0)
             classifier.embedded.update(zip(missing[start : start + 32], vectors, strict=True))
 
     async def _prepare_text(self, classifier: Classifier) -> np.ndarray:

@@ -184,13 +184,21 @@ class RedisDefinitions:
         return None if raw is None else Definition.model_validate_json(raw)
 
     async def names(self) -> list[str]:
-        keys = await self._call(self.client.keys(self.PREFIX + "*"))
+        keys = await self._scan(self.PREFIX + "*")
         # "#" is not a name character: it marks a classifier's digest and example keys.
         return sorted(name for key in keys if "#" not in (name := key.decode().removeprefix(self.PREFIX)))
 
+    async def _scan(self, pattern: str) -> list[bytes]:
+        """SCAN, not KEYS: the keyspace is shared with every label vector, and KEYS would block Redis on it."""
+
+        async def collect() -> list[bytes]:
+            return [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+
+        return await self._call(collect())
+
     async def delete(self, name: str) -> bool:
-        images = await self._call(self.client.keys(self.PREFIX + name + self.EXAMPLE + "*"))
-        keys = [self.PREFIX + name, self.PREFIX + name + self.DIGEST, *images]
+        images = await self._scan(self.PREFIX + name + self.EXAMPLE + "*")
+        keys: list[str | bytes] = [self.PREFIX + name, self.PREFIX + name + self.DIGEST, *images]
         return bool(await self._call(self.client.delete(*keys)))
 
     async def save_image(self, name: str, sha: str, data: bytes) -> None:

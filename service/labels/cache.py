@@ -57,6 +57,9 @@ class LabelCache:
         self.namespace, self.dim, self._encode, self._metrics = namespace, dim, encode, metrics
         self.memory, self.redis, self.chunk_prompts = memory, redis, chunk_prompts
         self._flight: SingleFlight[str, np.ndarray] = SingleFlight()
+        # Background work (preparing saved classifiers) shares computations only with itself: a live request must
+        # never wait for prompts queued on the background lane (it would wait behind every live prompt).
+        self._background_flight: SingleFlight[str, np.ndarray] = SingleFlight()
 
     async def connect(self) -> None:
         if self.redis is not None:
@@ -64,6 +67,7 @@ class LabelCache:
 
     async def close(self) -> None:
         await self._flight.close()
+        await self._background_flight.close()
         if self.redis is not None:
             await self.redis.close()
 
@@ -85,7 +89,8 @@ class LabelCache:
         self, labels: Sequence[str], templates: Sequence[str], deadline: Deadline, *, background: bool = False
     ) -> np.ndarray:
         """[C, D] float32, row i the vector of labels[i]; raises only what `encode` raises. Misses this call
-        encodes itself run as `background` work when asked (labels already in flight are only waited for)."""
+        encodes itself run as `background` work when asked, sharing computations only with other background
+        calls."""
         templates = tuple(templates)
         if not templates:
             raise ValueError("templates must not be empty")  # the mean of no embeddings is undefined
@@ -106,7 +111,8 @@ class LabelCache:
                 # request timeout, so the work ends at most their arrival gap before they would give up.
                 return await self._resolve(templates, {key: label_of[key] for key in owned}, deadline, background)
 
-            found.update(await self._flight.get(missing, resolve))
+            flight = self._background_flight if background else self._flight
+            found.update(await flight.get(missing, resolve))
         if not keys:
             return np.zeros((0, self.dim), np.float32)
         return np.stack([found[key] for key in keys])

@@ -73,6 +73,10 @@ class SingleFlight(Generic[K, V]):
         for task, task_keys in list(self._task_keys.items()):
             if not task.done() and not any(self._waiters.get(key, 0) for key in task_keys):
                 task.cancel()
+                # The cancellation lands on a later loop turn: a call arriving before then must start afresh,
+                # not join a computation that is about to end in CancelledError.
+                for key in task_keys:
+                    self._inflight.pop(key, None)
 
     async def _compute(self, keys: list[K], compute: Callable[[list[K]], Awaitable[dict[K, V]]]) -> None:
         futures = {key: self._inflight[key] for key in keys}
@@ -80,7 +84,7 @@ class SingleFlight(Generic[K, V]):
             values = await compute(keys)
         except BaseException as error:
             for key, future in futures.items():
-                self._inflight.pop(key, None)  # not poisoned: the next call for this key starts afresh
+                self._release(key, future)  # not poisoned: the next call for this key starts afresh
                 if future.done():
                     continue
                 if isinstance(error, asyncio.CancelledError):
@@ -91,10 +95,15 @@ class SingleFlight(Generic[K, V]):
                 raise
             return
         for key, future in futures.items():  # no await in this loop: results and in-flight keys agree
-            self._inflight.pop(key, None)
+            self._release(key, future)
             if future.done():
                 continue
             if key in values:
                 future.set_result(values[key])
             else:  # a broken `compute`: its callers get an error rather than a wait without end
                 future.set_exception(KeyError(f"the computation returned no value for {key!r}"))
+
+    def _release(self, key: K, future: asyncio.Future[V]) -> None:
+        # Only our own entry: a cancelled computation's key may already belong to a newer one.
+        if self._inflight.get(key) is future:
+            del self._inflight[key]

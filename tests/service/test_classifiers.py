@@ -22,7 +22,12 @@ class GatedTextEngine:
     the gate and then fail: preparation in progress, or cut short, on demand."""
 
     def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
-        self.inner, self.gate, self.stalled = inner, threading.Event(), threading.Event()
+        self.inner, self.gate, self.stalled, self.entered = (
+            inner,
+            threading.Event(),
+            threading.Event(),
+            threading.Event(),
+        )
         self.gate.set()
         self.calls = 0
         self.failing_after: int | None = None
@@ -32,6 +37,7 @@ class GatedTextEngine:
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         self.calls += 1
+        self.entered.set()
         failing = self.failing_after is not None and self.calls > self.failing_after
         if failing:
             self.stalled.set()
@@ -119,6 +125,7 @@ async def test_a_classifier_is_prepared_in_the_background_and_used_by_name(gated
         ("/v1/classifiers/ok", {"labels": ["a"], "templates": ["no placeholder"]}, "templates"),
         ("/v1/classifiers/ok", {"labels": []}, "labels"),
         ("/v1/classifiers/ok", {}, "labels"),
+        ("/v1/classifiers/ok", {"labels": ["a", "b", "a"]}, "labels[2]"),
         ("/v1/classifiers/ok", {"builtin": "imagenet-22k"}, "builtin"),
         ("/v1/classifiers/ok", {"builtin": "imagenet-1k", "labels": ["a"]}, "builtin"),
     ],
@@ -329,3 +336,51 @@ async def test_an_example_over_the_size_limit_is_a_413(tmp_path) -> None:  # typ
         big = {"label": "dax", "images": [b64(_png_for("dax", (400, 300)))]}
         response = await client.post("/v1/classifiers/small/examples", json=big)
         assert response.status_code == 413 and response.json()["error"]["param"] == "images[0]"
+
+
+async def test_examples_added_while_the_labels_prepare_leave_it_ready(gated, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A change that replaces a classifier mid-preparation must not leave it 'preparing' for ever (the new
+    preparation once joined the old one's computation just as that was being cancelled)."""
+    settings = {"state_dir": tmp_path, "label_chunk_prompts": 7, "text_max_batch_size": 7}
+    async with running_app(**settings) as (_, client):
+        engine = gated[-1]
+        engine.gate.clear()
+        engine.entered.clear()
+        assert (await client.put("/v1/classifiers/words", json={"labels": list(WORDS)})).status_code == 202
+        assert await asyncio.to_thread(engine.entered.wait, 60), "preparation never reached the engine"
+        body = {"label": "dax", "images": [b64(_png_for("dax", (200, 200)))]}
+        added = asyncio.create_task(client.post("/v1/classifiers/words/examples", json=body))
+        engine.gate.set()
+        assert (await added).status_code == 200
+        status = await _ready(client, "words")
+        assert status["examples_per_label"] == {"dax": 1}
+
+
+async def test_concurrent_example_uploads_to_one_classifier_all_land(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with running_app(state_dir=tmp_path) as (_, client):
+        assert (await client.put("/v1/classifiers/words", json={"labels": list(WORDS)})).status_code == 202
+        await _ready(client, "words")
+        uploads = [
+            client.post("/v1/classifiers/words/examples", json={"label": word, "images": [b64(_png_for(word, size))]})
+            for word in WORDS
+            for size in ((150, 100), (210, 160))
+        ]
+        assert [r.status_code for r in await asyncio.gather(*uploads)] == [200] * 6
+        status = await _ready(client, "words")
+        assert status["examples_per_label"] == dict.fromkeys(WORDS, 2)
+        stored = sorted(path.name for path in (tmp_path / "classifiers" / "words.examples").iterdir())
+        assert len(stored) == 6  # every image referenced, none left over
+
+
+@pytest.mark.parametrize("weight", ["1e309", "-1", "1000", "NaN"])
+async def test_examples_weight_must_be_a_sane_number(weight: str) -> None:
+    async with running_app() as (_, client):
+        body = '{"images": ["x"], "classifier": "c", "examples_weight": ' + weight + "}"
+        response = await client.post("/classify", content=body, headers={"content-type": "application/json"})
+        assert response.status_code in (400, 422) and response.json()["error"]["code"] in (
+            "invalid_input",
+            "invalid_request",
+        )
+        files = [("image", ("a.png", shape_png(), "image/png"))]
+        multipart = await client.post("/classify", files=files, data={"classifier": "c", "examples_weight": "inf"})
+        assert multipart.status_code == 422 and multipart.json()["error"]["param"] == "examples_weight"
