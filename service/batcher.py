@@ -180,7 +180,9 @@ class DynamicBatcher:
         if not item.background:
             self._set_depth(self._depth - len(item.rows))
         now = time.monotonic()
-        self._metrics.queue_wait_seconds.labels(self.name).observe(now - item.submitted)
+        # Background waits are their own series: they are long by design and would hide the live ones.
+        lane = f"{self.name}-background" if item.background else self.name
+        self._metrics.queue_wait_seconds.labels(lane).observe(now - item.submitted)
         if now >= item.deadline:
             self._fail(item, DeadlineExceeded(f"the {self.name} request expired in the queue"), "deadline")
             return 0

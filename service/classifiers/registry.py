@@ -156,8 +156,10 @@ class Classifiers:
             if existing is not None:
                 definition = definition.model_copy(update={"examples": _remapped(existing.definition, definition)})
             await self.store.save(definition)
-            if existing is not None:  # images of labels the replacement dropped
+            if existing is not None:  # images of labels the replacement dropped, slices of the old labels
                 await self._delete_unreferenced(existing.definition, definition)
+                if self.slice_files is not None and existing.definition.text_digest != definition.text_digest:
+                    self.slice_files.forget(existing.definition)
             return await self._adopt(definition, previous=existing), False
 
     async def add_examples(self, name: str, label: str, images: Sequence[ImageInput], deadline: Deadline) -> Classifier:
@@ -330,7 +332,12 @@ class Classifiers:
             parts = [self.slice_files.load(definition, a, b - a) for a, b in self._slices(definition)]
             if all(part is not None for part in parts):
                 return np.concatenate(parts) if parts else None  # type: ignore[arg-type]
-        return await self.label_cache.cached_matrix(definition.labels, definition.templates)
+        matrix = await self.label_cache.cached_matrix(definition.labels, definition.templates)
+        if matrix is not None and self.slice_files is not None:
+            # Found in the memory tier only: save it as slices too, or a restart would have to encode it again.
+            for start, stop in self._slices(definition):
+                await asyncio.to_thread(self.slice_files.save, definition, start, matrix[start:stop])
+        return matrix
 
     async def _prepare(self, classifier: Classifier) -> None:
         try:

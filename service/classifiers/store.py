@@ -239,6 +239,10 @@ class SliceFiles:
         np.save(buffer, np.ascontiguousarray(vectors, dtype=np.float32))
         _atomic_write(self._dir(definition) / f"{start:07d}.npy", buffer.getvalue())
 
+    def forget(self, definition: Definition) -> None:
+        """This model's slices of a definition that was replaced by one with other labels or templates."""
+        shutil.rmtree(self._dir(definition), ignore_errors=True)
+
     def delete(self, name: str) -> None:
         """Every model's slices of the classifier."""
         shutil.rmtree(self.root / name, ignore_errors=True)

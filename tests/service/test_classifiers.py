@@ -163,6 +163,13 @@ async def test_a_restart_without_redis_keeps_classifiers_and_their_vectors(tmp_p
         after = (await client.post("/classify", json={"images": [image], "classifier": "kept"})).json()
         assert after["results"] == before["results"]
         assert engine_calls(app) == 0  # nothing encoded again
+        # Replaced with other labels: the old labels' slices go, the new ones' are written.
+        slices = tmp_path / "vectors" / "kept"
+        old = {path.parent.name for path in slices.rglob("*.npy")}
+        assert (await client.put("/v1/classifiers/kept", json={"labels": LABELS[:2]})).status_code in (201, 202)
+        await _ready(client, "kept")
+        new = {path.parent.name for path in slices.rglob("*.npy")}
+        assert len(old) == len(new) == 1 and old != new
 
 
 async def test_a_restart_continues_a_preparation_where_it_stopped(gated, tmp_path) -> None:  # type: ignore[no-untyped-def]
