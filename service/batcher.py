@@ -58,10 +58,12 @@ class DynamicBatcher:
         max_wait_ms: float,
         max_queue: int,
         metrics: Metrics,
+        background_max_wait_s: float = 5.0,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
         self.name, self._run, self._metrics = name, run, metrics
+        self.background_max_wait_s = background_max_wait_s
         self.max_batch_size, self.max_queue, self._max_wait_s = max_batch_size, max_queue, max_wait_ms / 1000
         # One thread of our own: engine calls stay off the event loop and never overlap.
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
@@ -150,7 +152,7 @@ class DynamicBatcher:
                     return batch
                 self._arrived.clear()
                 await self._arrived.wait()
-            if not self._queue:
+            if not self._queue or self._background_overdue():
                 self._take_head(batch, self._background)
                 return batch  # alone: live items arriving meanwhile wait one engine call at most
             self._take_head(batch, self._queue)
@@ -172,6 +174,11 @@ class DynamicBatcher:
                 break
             rows += self._take_head(batch, self._queue)
         return batch
+
+    def _background_overdue(self) -> bool:
+        """Whether the oldest background item has waited past its bound: under unbroken live load it still runs,
+        one engine call at a time, instead of waiting for ever."""
+        return bool(self._background) and time.monotonic() - self._background[0].submitted > self.background_max_wait_s
 
     def _take_head(self, batch: list[_Item], queue: deque[_Item]) -> int:
         """Move the head item of `queue` into `batch` (or drop it if its deadline passed); return the rows added."""

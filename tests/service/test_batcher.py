@@ -344,3 +344,18 @@ async def test_a_cancelled_background_item_leaves_its_queue(make_batcher, engine
         await waiting
     assert await asyncio.wait_for(batcher.submit(row(3), deadline=later()), 30) is not None
     assert engine.seen() == [1.0, 3.0]
+
+
+async def test_an_overdue_background_item_runs_between_live_ones(make_batcher, engine):
+    """Under unbroken live load a background item still gets its turn once it has waited its bound."""
+    batcher = await make_batcher(max_wait_ms=0, background_max_wait_s=0.0)
+    engine.gate.clear()
+    busy = asyncio.create_task(batcher.submit(row(1), deadline=later()))
+    await engine.wait_entered()
+    background = asyncio.create_task(batcher.submit(row(10), deadline=later(), background=True))
+    await asyncio.sleep(0)
+    live = asyncio.create_task(batcher.submit(row(100), deadline=later()))
+    await wait_until(lambda: batcher.depth == 1, "the live item queued")
+    engine.gate.set()
+    await asyncio.wait_for(asyncio.gather(busy, background, live), 30)
+    assert [float(call.sum()) for call in engine.calls] == [1.0, 10.0, 100.0]  # overdue: before the live one
