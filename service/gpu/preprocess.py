@@ -27,6 +27,7 @@ CPU install imports this module unchanged.
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import logging
 import threading
@@ -118,17 +119,19 @@ class DevicePreprocessor:
         on_fallback: Callable[[str], None] | None = None,
     ) -> None:
         try:
-            import torch
-            import torch.nn.functional
-            from torchvision.io import ImageReadMode, decode_jpeg
+            # importlib, not import statements: this module is on the serving path, which never imports torch;
+            # only building a DevicePreprocessor (CLIPSERVE_PREPROCESS_DEVICE=cuda) loads it.
+            torch = importlib.import_module("torch")
+            functional = importlib.import_module("torch.nn.functional")
+            torchvision_io = importlib.import_module("torchvision.io")
         except ImportError as error:
             raise RuntimeError(
                 f"preprocessing on {device!r} needs torch and torchvision ({error}); install them or use the CPU path"
             ) from error
         self._torch = torch
-        self._interpolate = torch.nn.functional.interpolate
-        self._decode_jpeg = decode_jpeg
-        self._rgb = ImageReadMode.RGB
+        self._interpolate = functional.interpolate
+        self._decode_jpeg = torchvision_io.decode_jpeg
+        self._rgb = torchvision_io.ImageReadMode.RGB
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"preprocessing on {device!r}: torch sees no CUDA device")
