@@ -33,6 +33,18 @@ def train_demo(
     typer.echo(f"trained in {training['total_seconds']:.0f} s; final {training['final']}; written to {output}")
 
 
+def _demo_encoders(artifacts: Path):  # type: ignore[no-untyped-def]
+    """The demo model and its numpy encoders, on 2 torch threads (this project's CI machine), for the evaluations."""
+    import torch
+
+    from models.tokenizer import ClipTokenizer, open_clip_tokenizer_json
+    from models.zoo import load_demo
+
+    torch.set_num_threads(2)
+    model = load_demo(artifacts)
+    return (model, *model.numpy_encoders(ClipTokenizer.from_json(open_clip_tokenizer_json())))
+
+
 @needs_extras("eval-demo", "cpu", "export")
 def eval_demo(
     images_per_task: int = typer.Option(1000, help="Freshly rendered images per task and distribution."),
@@ -40,17 +52,11 @@ def eval_demo(
     artifacts: Path = typer.Option(ARTIFACTS_DIR, help="Demo model directory (weights + model card)."),
 ) -> None:
     """Zero-shot accuracy of the demo model on fresh renderings; writes a Markdown report."""
-    import torch
-
     from models.demo import evaluate
     from models.demo.checkpoint import read_card
-    from models.tokenizer import ClipTokenizer, open_clip_tokenizer_json
-    from models.zoo import load_demo
 
-    torch.set_num_threads(2)
-    model = load_demo(artifacts)
+    _, encode_images, encode_texts = _demo_encoders(artifacts)
     card = read_card(artifacts)
-    encode_images, encode_texts = model.numpy_encoders(ClipTokenizer.from_json(open_clip_tokenizer_json()))
 
     started = time.perf_counter()
     results = evaluate.evaluate(encode_images, encode_texts, images_per_task, progress=typer.echo)
@@ -81,15 +87,9 @@ def eval_fewshot(
     artifacts: Path = typer.Option(ARTIFACTS_DIR, help="Demo model directory (weights + model card)."),
 ) -> None:
     """Few-shot accuracy of the demo model with 0-8 example images per label; writes a Markdown report."""
-    import torch
-
     from models.demo import fewshot
-    from models.tokenizer import ClipTokenizer, open_clip_tokenizer_json
-    from models.zoo import load_demo
 
-    torch.set_num_threads(2)
-    model = load_demo(artifacts)
-    encode_images, encode_texts = model.numpy_encoders(ClipTokenizer.from_json(open_clip_tokenizer_json()))
+    model, encode_images, encode_texts = _demo_encoders(artifacts)
     started = time.perf_counter()
     results = fewshot.evaluate_fewshot(
         encode_images, encode_texts, model.logit_scale, images_per_task, progress=typer.echo

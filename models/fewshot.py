@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.templates import normalised
+
 DEFAULT_WEIGHT = 1.0
-
-
-def _normalised(rows: np.ndarray) -> np.ndarray:
-    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
 
 
 def example_means(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -28,7 +26,7 @@ def example_means(embeddings: np.ndarray, labels: np.ndarray, classes: int) -> t
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes)
     sums = np.zeros((classes, embeddings.shape[1]), np.float32)
     np.add.at(sums, np.asarray(labels, dtype=np.int64), embeddings)
-    means = np.where(counts[:, None] > 0, _normalised(sums), 0.0).astype(np.float32)
+    means = np.where(counts[:, None] > 0, normalised(sums), 0.0).astype(np.float32)
     return means, counts
 
 
@@ -43,5 +41,5 @@ def blend(
     if not len(labels) or weight == 0:
         return text_matrix
     means, counts = example_means(embeddings, labels, len(text_matrix))
-    blended = _normalised(text_matrix + weight * np.sqrt(counts)[:, None].astype(np.float32) * means)
+    blended = normalised(text_matrix + weight * np.sqrt(counts)[:, None].astype(np.float32) * means)
     return np.where(counts[:, None] > 0, blended, text_matrix).astype(np.float32)

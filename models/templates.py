@@ -171,4 +171,9 @@ def ensemble(embeddings: np.ndarray, labels: int) -> np.ndarray:
     parity gate all use it."""
     embeddings = np.asarray(embeddings, dtype=np.float32)
     means = embeddings.reshape(labels, -1, embeddings.shape[-1]).mean(axis=1)
-    return means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    return normalised(means)
+
+
+def normalised(rows: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 length (a zero row stays zero)."""
+    return rows / np.maximum(np.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)

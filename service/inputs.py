@@ -110,11 +110,19 @@ class _Input(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
 
-class ClassifyInput(_Input):
+class _WithTemplates(_Input):
+    templates: tuple[str, ...]  # resolved: a preset name or the server's default becomes its templates
+
+    @field_validator("templates", mode="before")
+    @classmethod
+    def _resolved(cls, templates: Any, info: ValidationInfo) -> tuple[str, ...]:
+        return templates_or_default(templates, _served(info).settings)
+
+
+class ClassifyInput(_WithTemplates):
     images: list[ImageInput]
     labels: list[str]  # empty when a saved classifier is named
     classifier: str | None = None
-    templates: tuple[str, ...]  # resolved: a preset name or the server's default becomes its templates
     top_k: int | None = Field(ge=1)
     # A classifier's few-shot examples: None is the default weight; bounded, so the blend stays finite.
     examples_weight: float | None = Field(None, ge=0, le=100, allow_inf_nan=False)
@@ -136,11 +144,6 @@ class ClassifyInput(_Input):
             raise InvalidInput("a saved classifier has its own templates; do not send templates", param="templates")
         return fields | {"labels": []}
 
-    @field_validator("templates", mode="before")
-    @classmethod
-    def _resolved(cls, templates: Any, info: ValidationInfo) -> tuple[str, ...]:
-        return templates_or_default(templates, _served(info).settings)
-
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo) -> ClassifyInput:
         settings = _served(info).settings
@@ -153,12 +156,11 @@ class ClassifyInput(_Input):
         return self
 
 
-class ClassifierInput(_Input):
+class ClassifierInput(_WithTemplates):
     """A saved classifier's definition, from PUT /v1/classifiers/{name}: labels, or a built-in label set."""
 
     name: str
     labels: list[str]
-    templates: tuple[str, ...]
 
     @model_validator(mode="before")
     @classmethod
@@ -181,11 +183,6 @@ class ClassifierInput(_Input):
         except UnknownLabelSet as error:
             raise InvalidInput(str(error), param="builtin") from error
         return fields | {"labels": list(labels), "templates": fields.get("templates") or preset}
-
-    @field_validator("templates", mode="before")
-    @classmethod
-    def _resolved(cls, templates: Any, info: ValidationInfo) -> tuple[str, ...]:
-        return templates_or_default(templates, _served(info).settings)
 
     @model_validator(mode="after")
     def _within_limits(self, info: ValidationInfo) -> ClassifierInput:
