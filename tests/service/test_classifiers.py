@@ -391,3 +391,67 @@ async def test_examples_weight_must_be_a_sane_number(weight: str) -> None:
         files = [("image", ("a.png", shape_png(), "image/png"))]
         multipart = await client.post("/classify", files=files, data={"classifier": "c", "examples_weight": "inf"})
         assert multipart.status_code == 422 and multipart.json()["error"]["param"] == "examples_weight"
+
+
+def _other_model(tmp_path) -> tuple[object, str]:  # type: ignore[no-untyped-def]
+    """A second model repository: the demo's graphs under another name and logit scale, so another content hash."""
+    import json
+    import shutil
+
+    from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
+
+    repository = tmp_path / "repository"
+    shutil.copytree(REPOSITORY_DIR / EXPORT_NAME, repository / "demo-rescaled")
+    manifest_path = repository / "demo-rescaled" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["name"], manifest["logit_scale"] = "demo-rescaled", 30.0
+    manifest_path.write_text(json.dumps(manifest))
+    return repository, "demo-rescaled"
+
+
+async def test_a_classifier_is_prepared_again_for_another_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Defined once, then served by int8 graphs and by another model: each prepares its own vectors by itself and
+    answers as its inline labels do; the first model's slices stay, so going back encodes nothing."""
+    image = b64(shape_png("triangle", "blue"))
+    state = tmp_path / "state"
+    repository, other = _other_model(tmp_path)
+    by_name = {"images": [image], "classifier": "moving", "examples_weight": 0}
+    inline = {"images": [image], "labels": LABELS}
+    async with running_app(state_dir=state) as (_, client):
+        assert (await client.put("/v1/classifiers/moving", json={"labels": LABELS})).status_code == 202
+        fp32 = await _ready(client, "moving")
+        example = {"label": LABELS[1], "images": [b64(shape_png("triangle", "blue", (120, 90)))]}
+        assert (await client.post("/v1/classifiers/moving/examples", json=example)).status_code == 200
+        fp32_answer = (await client.post("/classify", json=by_name)).json()["results"]
+    for settings in ({"precision": "int8"}, {"model_repository": repository, "model": other}):
+        async with running_app(state_dir=state, **settings) as (app, client):
+            status = await _ready(client, "moving")
+            assert engine_calls(app) > 0  # its own vectors, encoded by its own text engine
+            assert engine_calls(app, "image") > 0  # and the example image embedded again
+            assert status["examples_per_label"] == {LABELS[1]: 1}
+            answer = (await client.post("/classify", json=by_name)).json()["results"]
+            assert answer == (await client.post("/classify", json=inline)).json()["results"]
+            assert answer != fp32_answer
+            if "model" in settings:
+                assert (status["model"], status["content_hash"]) != (fp32["model"], fp32["content_hash"])
+    async with running_app(state_dir=state) as (app, client):
+        await _ready(client, "moving")
+        assert engine_calls(app) == 0  # the fp32 slices were kept beside the others'
+        assert (await client.post("/classify", json=by_name)).json()["results"] == fp32_answer
+
+
+async def test_a_preparation_cut_short_continues_from_redis(gated, redis_server) -> None:  # type: ignore[no-untyped-def]
+    """With Redis, the finished chunks of a preparation that failed halfway are in Redis: another instance (or a
+    restart) encodes only the rest."""
+    labels = [f"thing {i}" for i in range(12)]
+    settings = {"redis_url": redis_server.url, "label_chunk_prompts": 7, "text_max_batch_size": 7}
+    async with running_app(**settings) as (_, client):
+        engine = gated[-1]
+        engine.failing_after = engine.calls + 5
+        assert (await client.put("/v1/classifiers/half", json={"labels": labels})).status_code == 202
+        status = await _settled(client, "half")
+        assert status["status"] == "failed" and status["prompts_prepared"] == 5 * 7
+    async with running_app(**settings) as (app, client):
+        status = await _ready(client, "half")
+        assert status["prompts_prepared"] == 12 * 7
+        assert engine_calls(app) == 7  # only the chunks Redis did not have
