@@ -83,16 +83,17 @@ def eval_demo(
 @needs_extras("eval-fewshot", "cpu", "export")
 def eval_fewshot(
     images_per_task: int = typer.Option(1000, help="Freshly rendered evaluation images per task."),
+    draws: int = typer.Option(5, min=1, help="Independent draws of the examples; each cell is their mean."),
     report: Path = typer.Option(FEWSHOT_REPORT_PATH, help="Markdown report to write."),
     artifacts: Path = typer.Option(ARTIFACTS_DIR, help="Demo model directory (weights + model card)."),
 ) -> None:
-    """Few-shot accuracy of the demo model with 0-8 example images per label; writes a Markdown report."""
+    """Few-shot accuracy of the demo model with 0-32 example images per label; writes a Markdown report."""
     from models.demo import fewshot
 
     model, encode_images, encode_texts = _demo_encoders(artifacts)
     started = time.perf_counter()
     results = fewshot.evaluate_fewshot(
-        encode_images, encode_texts, model.logit_scale, images_per_task, progress=typer.echo
+        encode_images, encode_texts, model.logit_scale, images_per_task, draws, progress=typer.echo
     )
     header = "\n".join(
         [
@@ -103,7 +104,7 @@ def eval_fewshot(
             "vectors from the 80-template ensemble.",
         ]
     )
-    report.write_text(fewshot.markdown_report(results, header))
+    report.write_text(fewshot.markdown_report(results, header, draws))
     typer.echo(report.read_text())
 
 

@@ -20,11 +20,14 @@ class Scoring:
     logit_bias: float | None
     activation: str  # "softmax" | "sigmoid"
 
-    def probabilities(self, cosines: np.ndarray) -> np.ndarray:
-        """[N, C] cosines -> [N, C] probabilities, in float64 so the result does not depend on the label count."""
+    def probabilities(self, cosines: np.ndarray, label_bias: np.ndarray | None = None) -> np.ndarray:
+        """[N, C] cosines -> [N, C] probabilities, in float64 so the result does not depend on the label count.
+        `label_bias` [C] is added to the logits per label (a classifier's few-shot correction, models.fewshot)."""
         logits = self.logit_scale * cosines.astype(np.float64)
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
+        if label_bias is not None:
+            logits = logits + label_bias.astype(np.float64)
         if self.activation == "sigmoid":
             return 1.0 / (1.0 + np.exp(-logits))
         logits -= logits.max(axis=1, keepdims=True)  # stable softmax

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from models.fewshot import Prototypes
 from models.scoring import Scoring, cosines, ranked
 from service.batcher import DynamicBatcher
 from service.classifiers.registry import Classifiers
@@ -203,11 +204,13 @@ class Pipeline:
             start = time.perf_counter()
             return await self.encode_images.device_parts(request.images, deadline), _elapsed_ms(start)
 
-        async def timed_labels() -> tuple[np.ndarray, float]:
+        async def timed_labels() -> tuple[Prototypes, float]:
             start = time.perf_counter()
             if saved is not None:
-                return saved.matrix_for(request.examples_weight), _elapsed_ms(start)
-            return await self.label_cache.label_matrix(labels, templates, deadline), _elapsed_ms(start)
+                found = await saved.prototypes_for(request.examples_weight, self.model.scoring.logit_scale)
+                return found, _elapsed_ms(start)
+            matrix = await self.label_cache.label_matrix(labels, templates, deadline)
+            return Prototypes(matrix, None), _elapsed_ms(start)
 
         # TaskGroup: if one half fails (bad image), the other is cancelled rather than left running.
         try:
@@ -216,10 +219,16 @@ class Pipeline:
                 label_task = group.create_task(timed_labels())
         except ExceptionGroup as failed:
             raise _first_service_error(failed) from None
-        (image_parts, images_ms), (label_matrix, labels_ms) = image_task.result(), label_task.result()
+        (image_parts, images_ms), (found, labels_ms) = image_task.result(), label_task.result()
+        label_matrix = found.matrix
         start = time.perf_counter()
         if self.cuda_similarity is None:
-            result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, request.top_k)
+            result = rank_on_host(image_parts[0], label_matrix, self.model.scoring, request.top_k, found.bias)
+        elif found.bias is not None:
+            # The kernel adds one bias to every label; a classifier's per-label few-shot bias is scored on the host.
+            loop = asyncio.get_running_loop()
+            host = [await loop.run_in_executor(self.similarity_pool, part.to_host) for part in image_parts]
+            result = rank_on_host(np.concatenate(host), label_matrix, self.model.scoring, request.top_k, found.bias)
         else:
             key = (
                 f"{self.label_cache.namespace}:classifier:{saved.definition.digest}:{request.examples_weight}"
@@ -240,10 +249,16 @@ class Pipeline:
         return f"{self.label_cache.namespace}:{digest}"
 
 
-def rank_on_host(images: np.ndarray, label_matrix: np.ndarray, scoring: Scoring, top_k: int | None) -> RankedScores:
+def rank_on_host(
+    images: np.ndarray,
+    label_matrix: np.ndarray,
+    scoring: Scoring,
+    top_k: int | None,
+    label_bias: np.ndarray | None = None,
+) -> RankedScores:
     """The CPU similarity path: every cosine and probability in numpy, then the top k."""
     scores = cosines(images, label_matrix)
-    probabilities = scoring.probabilities(scores)
+    probabilities = scoring.probabilities(scores, label_bias)
     order = ranked(probabilities, top_k)
     return RankedScores(
         order.astype(np.int64),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.fewshot import DEFAULT_WEIGHT, blend
+from models.fewshot import DEFAULT_WEIGHT, Prototypes, label_bias, prototypes
 from service.classifiers.store import NAME_PATTERN, Definition, DefinitionStore, SliceFiles
 from service.deadline import Deadline
 from service.errors import (
@@ -74,25 +74,34 @@ class Classifier:
     matrix: np.ndarray | None = None  # the zero-shot label vectors, [C, D]
     embedded: dict[str, np.ndarray] = field(default_factory=dict)  # example image sha -> its embedding
     task: asyncio.Task[None] | None = None
-    _blends: dict[float, np.ndarray] = field(default_factory=dict)
+    _blends: dict[float, Prototypes] = field(default_factory=dict)
+    _bias: np.ndarray | None = None  # models.fewshot.label_bias of these examples, at weight 1
 
-    def matrix_for(self, weight: float | None) -> np.ndarray:
-        """The label matrix /classify scores against: the zero-shot vectors, with the examples blended in
-        (models.fewshot.blend; `weight` None is its default, 0 is zero-shot)."""
+    async def prototypes_for(self, weight: float | None, logit_scale: float) -> Prototypes:
+        """What /classify scores against: the zero-shot vectors with the examples blended in and their per-label
+        bias (models.fewshot.prototypes; `weight` None is its default, 0 is zero-shot). Computed off the event loop,
+        the bias once per definition, and each weight's result kept for the next request."""
         assert self.matrix is not None
         weight = DEFAULT_WEIGHT if weight is None else weight
         if not self.definition.examples or weight == 0:
-            return self.matrix
-        blended = self._blends.get(weight)
-        if blended is None:
-            shas = [sha for _, sha in self.definition.examples]
-            labels = np.array([index for index, _ in self.definition.examples])
-            blended = blend(self.matrix, np.stack([self.embedded[sha] for sha in shas]), labels, weight)
-            blended.flags.writeable = False
+            return Prototypes(self.matrix, None)
+        found = self._blends.get(weight)
+        if found is None:
+            found = await asyncio.to_thread(self._prototypes, weight, logit_scale)
             if len(self._blends) >= 8:  # a few per-request weights at most; the default is the common one
                 self._blends.clear()
-            self._blends[weight] = blended
-        return blended
+            self._blends[weight] = found
+        return found
+
+    def _prototypes(self, weight: float, logit_scale: float) -> Prototypes:
+        assert self.matrix is not None
+        labels = np.array([index for index, _ in self.definition.examples])
+        embeddings = np.stack([self.embedded[sha] for _, sha in self.definition.examples])
+        if self._bias is None:  # the fit does not depend on the weight: once per definition
+            self._bias = label_bias(self.matrix, embeddings, labels, logit_scale)
+        found = prototypes(self.matrix, embeddings, labels, logit_scale, weight, bias=self._bias)
+        found.matrix.flags.writeable = False
+        return found
 
     @property
     def eta_s(self) -> float | None:

@@ -455,3 +455,43 @@ async def test_a_preparation_cut_short_continues_from_redis(gated, redis_server)
         status = await _ready(client, "half")
         assert status["prompts_prepared"] == 12 * 7
         assert engine_calls(app) == 7  # only the chunks Redis did not have
+
+
+async def test_classify_by_name_with_examples_is_the_documented_recipe(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """By name, a classifier with examples answers exactly models.fewshot.prototypes computed from /embed's own
+    vectors: the blended matrix for the scores, plus the per-label bias in the probabilities; a label without
+    examples keeps its zero-shot vector."""
+    from models.fewshot import prototypes
+
+    examples = {
+        LABELS[0]: [shape_png("circle", "red", (120, 90))],
+        LABELS[1]: [shape_png("triangle", "blue", (90, 120)), shape_png("triangle", "blue", (150, 150))],
+        LABELS[2]: [shape_png("square", "green", (100, 100))],
+    }
+    image = shape_png("hexagon", "yellow", (160, 120))
+    async with running_app(state_dir=tmp_path) as (app, client):
+        put = await client.put("/v1/classifiers/recipe", json={"labels": LABELS, "templates": "imagenet"})
+        assert put.status_code in (201, 202)
+        for label, pngs in examples.items():
+            body = {"label": label, "images": [b64(png) for png in pngs]}
+            assert (await client.post("/v1/classifiers/recipe/examples", json=body)).status_code == 200
+        await _ready(client, "recipe")
+        answer = await client.post("/classify", json={"images": [b64(image)], "classifier": "recipe"})
+        assert answer.status_code == 200
+        ranked = {item["label"]: item for item in answer.json()["results"][0]["labels"]}
+
+        example_pngs = [png for pngs in examples.values() for png in pngs]
+        body = {"images": [b64(png) for png in [image, *example_pngs]], "texts": LABELS, "templates": "imagenet"}
+        embedded = (await client.post("/embed", json=body)).json()
+        scoring = app.state.pipeline.model.scoring  # type: ignore[attr-defined]
+    vectors = np.asarray(embedded["images"], np.float32)
+    text = np.asarray(embedded["texts"], np.float32)
+    labels = np.array([LABELS.index(label) for label, pngs in examples.items() for _ in pngs])
+    expected = prototypes(text, vectors[1:], labels, scoring.logit_scale)
+    cosines = vectors[:1] @ expected.matrix.T
+    probabilities = scoring.probabilities(cosines, expected.bias)[0]
+    assert expected.bias is not None and expected.bias[3] == 0 and np.abs(expected.bias).max() > 0
+    np.testing.assert_allclose(expected.matrix[3], text[3], atol=1e-6)  # no examples: zero-shot vector
+    for index, label in enumerate(LABELS):
+        assert ranked[label]["score"] == pytest.approx(float(cosines[0, index]), abs=1e-5)
+        assert ranked[label]["probability"] == pytest.approx(float(probabilities[index]), abs=1e-5)

@@ -7,6 +7,7 @@ memory, and the CUDA driver is HostMemoryDriver, whose launches run the kernel's
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 from pathlib import Path
 
@@ -127,3 +128,29 @@ async def test_gpu_preprocessing_without_a_gpu_is_a_clear_start_error() -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(EngineError, match="CLIPSERVE_PREPROCESS_DEVICE=cuda"):
         await answers(preprocess_device="cuda")
+
+
+async def few_shot_answer(**settings: object) -> tuple[str, list[dict]]:
+    """A saved classifier with examples: its per-label bias is scored on the host even on the GPU path."""
+    async with running_app(**settings) as (app, client):
+        labels = ["red circle", "blue triangle", "green square"]
+        assert (await client.put("/v1/classifiers/shots", json={"labels": labels})).status_code in (201, 202)
+        body = {"label": "red circle", "images": [b64(shape_png("circle", "red", (120, 90)))]}
+        assert (await client.post("/v1/classifiers/shots/examples", json=body)).status_code == 200
+        body = {"label": "green square", "images": [b64(shape_png("square", "green", (90, 90)))]}
+        assert (await client.post("/v1/classifiers/shots/examples", json=body)).status_code == 200
+        for _ in range(6000):
+            if (await client.get("/v1/classifiers/shots")).json()["status"] == "ready":
+                break
+            await asyncio.sleep(0.01)
+        images = [b64(shape_png("circle", "red")), b64(shape_png("hexagon", "yellow"))]
+        response = await client.post("/classify", json={"images": images, "classifier": "shots"})
+        assert response.status_code == 200, response.text
+        return app.state.pipeline.similarity_backend, response.json()["results"]  # type: ignore[attr-defined]
+
+
+async def test_a_classifier_with_examples_answers_as_the_cpu_path(fake_gpu: Path) -> None:
+    backend, gpu = await few_shot_answer(similarity="cuda", cuda_kernels=fake_gpu)
+    cpu_backend, cpu = await few_shot_answer(similarity="numpy")
+    assert (backend, cpu_backend) == ("cuda", "numpy")
+    assert_same_results(gpu, cpu)
