@@ -138,6 +138,7 @@ class Pipeline:
                 metrics=metrics,
                 timeout_s=settings.redis_timeout_ms / 1000,
                 ttl_s=settings.cache_ttl_s,
+                probe_interval_s=settings.redis_probe_interval_s,
             )
             if settings.redis_url
             else None

