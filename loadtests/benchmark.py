@@ -18,7 +18,6 @@ import base64
 import io
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtests.timing import stop_server
+from loadtests.timing import free_port, stop_server
 from models.demo import shapes
 from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
 from models.manifest import load_manifest
@@ -79,12 +78,6 @@ def engine_images_per_second(model_dir: Path, batch: int, seconds: float) -> flo
     elapsed = time.perf_counter() - start
     engine.close()
     return images / elapsed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(repository: Path, model: str, port: int, max_batch_size: int) -> subprocess.Popen:

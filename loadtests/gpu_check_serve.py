@@ -13,7 +13,6 @@ import base64
 import contextlib
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from PIL import Image, ImageDraw
 
 from loadtests.gpu_check_config import Config, Recorder, measure
 from loadtests.gpu_check_setup import REPOSITORY
-from loadtests.timing import stop_server
+from loadtests.timing import free_port, stop_server
 
 LABELS = [
     "red circle",
@@ -65,12 +64,6 @@ def small_jpegs(count: int, size: tuple[int, int] = (320, 240)) -> list[bytes]:
         image.save(buffer, "JPEG", quality=85)
         blobs.append(buffer.getvalue())
     return blobs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_environment(config: Config, similarity: str, port: int) -> dict[str, str]:

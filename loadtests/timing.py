@@ -1,8 +1,9 @@
-"""Timing helpers the benchmark scripts share: throughput of a blocking call, stopping a server process."""
+"""Helpers the benchmark scripts share: throughput of a blocking call, a free port, stopping a server process."""
 
 from __future__ import annotations
 
 import signal
+import socket
 import statistics
 import subprocess
 import time
@@ -25,6 +26,13 @@ def rate_per_second(call: Callable[[], Any], items: int, *, warmup: int, reps: i
                 break
         rates.append(done / elapsed)
     return statistics.median(rates)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a server the script starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def stop_server(server: subprocess.Popen[Any], timeout: float) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from service import request_context
 from service.errors import DeadlineExceeded, NotReady, Overloaded, ServiceError
 from service.metrics import Metrics
 
@@ -35,6 +36,7 @@ class _Item:
     submitted: float = field(default_factory=time.monotonic)
     queued: bool = True  # still in a queue (live items there count in `depth`)
     background: bool = False
+    engine_rows: int = 0  # rows of the engine call that ran it, for the request's log line
 
 
 def _row_count(output: Any) -> int | str:
@@ -128,6 +130,7 @@ class DynamicBatcher:
         if not done:
             self._withdraw(item, "deadline")
             raise DeadlineExceeded(f"the {self.name} request did not finish before its deadline")
+        request_context.note_batch(self.name, item.engine_rows)
         return item.future.result()
 
     async def _serve(self) -> None:
@@ -214,6 +217,7 @@ class DynamicBatcher:
             return
         start = 0
         for item in live:
+            item.engine_rows = min(len(inputs), self.max_batch_size)
             stop = start + len(item.rows)
             if not item.future.done():  # its caller may have timed out or gone away meanwhile
                 item.future.set_result(outputs[start:stop])

@@ -23,20 +23,36 @@ def serve(
     port: int | None = typer.Option(None, help="Port to listen on (default: CLIPSERVE_PORT or 8000)."),
 ) -> None:
     """Start the HTTP service (settings from CLIPSERVE_* environment variables; see the README)."""
+    import contextlib
+
     import uvicorn
 
     from models.settings import read_settings
+    from service import logs
+    from service.admission import DrainingServer
+    from service.app import create_app
     from service.settings import Settings
 
     # One place reads the environment (invalid values stop here, one line each); the options only say where to listen.
     settings = read_settings(Settings, "serve")
-    # `is None`, not `or`: --port 0 asks for any free port and must reach uvicorn.
-    uvicorn.run(
-        "service.app:create_app",
-        factory=True,
+    logs.configure(settings.log_format, settings.log_level)
+    # The app object, not a factory string: the server and the app share its drain (service/admission.py).
+    application = create_app(settings)
+    drain = application.state.drain
+    config = uvicorn.Config(
+        application,
+        # `is None`, not `or`: --port 0 asks for any free port and must reach uvicorn.
         host=settings.host if host is None else host,
         port=settings.port if port is None else port,
+        log_config=None,  # keep logs.configure's handler
+        access_log=False,  # service.request_log writes the one line per request, with its id
+        timeout_graceful_shutdown=drain.uvicorn_timeout_s,
     )
+    server = DrainingServer(config, drain)
+    with contextlib.suppress(KeyboardInterrupt):  # SIGINT, re-raised by uvicorn once it has shut down
+        server.run()
+    if not server.started:
+        raise typer.Exit(3)  # uvicorn's status for a failed startup
 
 
 @app.command("upload-examples")

@@ -1,8 +1,9 @@
-"""The one error shape, `{"error": {"code", "message", "param"}}`, and the one place exceptions become HTTP.
+"""The one error shape, `{"error": {"code", "message", "param", "request_id"}}`, and where exceptions become HTTP.
 
 Domain code raises a `ServiceError` subclass (its status and code are class attributes); `install` maps
-those, request-validation errors, unknown routes and anything unexpected to that shape. An unexpected
-exception is logged with its traceback and answered with a generic 500: no traceback reaches a client.
+those, request-validation errors and unknown routes to that shape. Anything unexpected is caught by
+`service.request_log.RequestLogMiddleware`, logged with its traceback and answered with a generic 500 in the
+same shape: no traceback reaches a client.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from service import request_context
 
 log = logging.getLogger("clipserve.errors")
 
@@ -93,7 +97,8 @@ class DeadlineExceeded(ServiceError):
 
 
 def error_body(code: str, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, "param": param}}
+    # The request id lets a user's bug report be matched to the server's log line for that request.
+    return {"error": {"code": code, "message": message, "param": param, "request_id": request_context.current_id()}}
 
 
 def error_response(error: ServiceError) -> JSONResponse:
@@ -130,9 +135,27 @@ def install(app: FastAPI) -> None:
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(
             error.status_code, "http_error"
         )
-        return JSONResponse(error_body(code, str(error.detail)), error.status_code, headers=error.headers)
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return JSONResponse(error_body(code, str(error.detail)), error.status_code, headers=headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "internal error; see the server log"), 500)
+
+def _allowed_methods(request: Request) -> list[str]:
+    # Starlette's 405 names the methods of the first route whose path matched; a path served by several routes
+    # (GET, PUT and DELETE /v1/classifiers/{name}) takes all of theirs.
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.routes):
+        match, _ = route.matches({**request.scope, "method": "OPTIONS"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _leaf_routes(routes: list[Any]) -> list[Any]:
+    # FastAPI keeps an included router as one entry (its routers here carry no prefix): look inside it.
+    leaves = []
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        leaves += _leaf_routes(inner) if inner is not None else [route]
+    return leaves

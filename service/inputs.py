@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Path, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from starlette.datastructures import FormData, UploadFile
 
@@ -31,7 +31,9 @@ from service.errors import InvalidInput, InvalidRequest, NotFound, UnsupportedMe
 from service.images import ImageInput, is_image_data_url
 from service.settings import Settings
 
-_IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")
+_IMAGE_CONTENT_TYPES = ("image/", "application/octet-stream")  # schemas.IMAGE_PART_TYPES says so
+# Documented only: ClassifierInput checks the name itself, with its own message (and the other routes answer 404).
+NameInPath = Annotated[str, Path(json_schema_extra={"pattern": NAME_PATTERN.pattern})]
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,7 @@ async def classify_input(request: Request) -> ClassifyInput:
     return validated(ClassifyInput, fields, context)
 
 
-async def classifier_input(name: str, request: Request) -> ClassifierInput:
+async def classifier_input(name: NameInPath, request: Request) -> ClassifierInput:
     body: schemas.ClassifierRequest = validated(schemas.ClassifierRequest, await request.body())
     return validated(ClassifierInput, body.model_dump() | {"name": name}, served(request))
 
@@ -330,7 +332,7 @@ class ExamplesInput(_Input):
         return self
 
 
-async def examples_input(name: str, request: Request) -> ExamplesInput:
+async def examples_input(name: NameInPath, request: Request) -> ExamplesInput:
     """JSON (`label`, base64 `images`) or multipart (`label` and image files)."""
     content_type = request.headers.get("content-type", "").lower()
     context = served(request)

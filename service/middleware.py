@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge, error_body
@@ -39,34 +41,67 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over the limit: at once from Content-Length, or while reading a chunked body."""
+    """413 for bodies over the limit: at once from Content-Length, or while reading a chunked body.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Then, like nginx's lingering close, the rest of the body is read and thrown away (up to `linger_bytes`
+    and `linger_s`) before the connection closes. Clients that send the whole body before reading the answer
+    (urllib, requests) otherwise get "connection reset" instead of the 413: the kernel answers data that
+    arrives for, or is left unread in, a closed socket with a reset. This has to happen before the ASGI
+    response is complete: from then on uvicorn's receive() returns http.disconnect at once without reading,
+    and on a Connection: close response it closes the socket right away (httptools and h11 alike). So the
+    413 goes out whole at once (clients that read while they send see it without waiting) and only its
+    last, empty ASGI message waits for the discarding.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, linger_bytes: int, linger_s: float) -> None:
         self.app, self.max_bytes = app, max_bytes
+        self.linger_bytes, self.linger_s = linger_bytes, linger_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        linger_bytes, linger_s = self.linger_bytes, self.linger_s
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
-            await _send_too_large(send, self._message(declared))
+            # A client waiting for "100 Continue" has not sent the body, and one that will send more than the
+            # bound gets a reset whatever we read first: for both, close at once rather than read for nothing.
+            if declared > linger_bytes or _header(scope, b"expect").lower() == b"100-continue":
+                linger_bytes = 0
+            await _send_too_large(send, self._message(declared), lambda: discard_body(receive, linger_bytes, linger_s))
             return
-        received = 0
+        received, over, body_done = 0, False, False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, over, body_done
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
+                    over = True
                     raise PayloadTooLarge(self._message(received))
             return message
 
-        await self.app(scope, counting_receive, send)
+        async def lingering_send(message: Message) -> None:
+            # The app's answer to the PayloadTooLarge (errors.install makes it), or whatever it sends instead.
+            if over and message["type"] == "http.response.start":
+                message = {**message, "headers": _with_connection_close(message.get("headers", []))}
+            elif over and message["type"] == "http.response.body" and not message.get("more_body", False):
+                await send({**message, "more_body": True})
+                if not body_done:  # a receive() after the last chunk would wait for the response to end
+                    await discard_body(receive, linger_bytes, linger_s)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(scope, counting_receive, lingering_send)
 
     def _message(self, size: int) -> str:
         return f"request body of {size:,} bytes is over the {self.max_bytes:,}-byte limit"
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    return next((value for key, value in scope.get("headers", []) if key == name), b"")
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -79,8 +114,29 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_too_large(send: Send, message: str) -> None:
+def _with_connection_close(headers: Iterable[Any]) -> list[tuple[bytes, bytes]]:
+    # The unread rest of the body leaves the connection unusable for another request.
+    kept = [(name, value) for name, value in headers if name.lower() != b"connection"]
+    return [*kept, (b"connection", b"close")]
+
+
+async def discard_body(receive: Receive, most_bytes: int, most_s: float) -> None:
+    """Read and drop the rest of the body, up to `most_bytes` (give or take a message) and `most_s` seconds."""
+    discarded = 0
+    with anyio.move_on_after(most_s):
+        while discarded < most_bytes:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: the client is gone, nothing left to spare it
+                return
+            discarded += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+
+async def _send_too_large(send: Send, message: str, linger: Callable[[], Awaitable[None]]) -> None:
     body = json.dumps(error_body("payload_too_large", message)).encode()
     headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.start", "status": 413, "headers": _with_connection_close(headers)})
+    await send({"type": "http.response.body", "body": body, "more_body": True})
+    await linger()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})

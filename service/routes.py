@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service import schemas
+from service.admission import Draining
 from service.classifiers.registry import Classifier
 from service.classifiers.store import Definition
 from service.deadline import Deadline
@@ -294,6 +295,8 @@ async def healthz() -> dict[str, str]:
 
 @probes.get("/readyz", summary="Engines loaded and warm", responses={503: {"model": schemas.ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
+    if request.app.state.drain.draining:  # first: a load balancer must stop sending before the socket closes
+        raise Draining()
     p = pipeline(request)
     return JSONResponse({"status": "ready", "model": p.model.name, "engine": p.engines.image.description})
 

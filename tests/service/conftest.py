@@ -46,11 +46,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(**overrides: object) -> Iterator[tuple[object, str]]:
-    """A real uvicorn server on a free port in a thread: real HTTP, real connection handling."""
+def live_server(*, http: str = "auto", **overrides: object) -> Iterator[tuple[object, str]]:
+    """A real uvicorn server on a free port in a thread: real HTTP, real connection handling (`http`: uvicorn's
+    HTTP implementation, httptools or h11)."""
     port = free_port()
     app = create_app(Settings(port=port, **_own_state_dir(overrides)))  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60

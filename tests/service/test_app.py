@@ -21,5 +21,5 @@ async def test_readyz_is_not_ready_without_engines_and_uses_the_error_shape(clie
     response = await client.get("/readyz")
     assert response.status_code == 503
     error = response.json()["error"]
-    assert set(error) == {"code", "message", "param"}
+    assert set(error) == {"code", "message", "param", "request_id"}
     assert error["code"] == "not_ready"

@@ -24,7 +24,8 @@ LABELS = ["red circle", "blue triangle"]
 def _assert_error(response, status: int, code: str, param: str | None = "any") -> dict:
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param"}
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "param", "request_id"}
+    assert body["error"]["request_id"] == response.headers["x-request-id"]  # the one the log line names too
     assert body["error"]["code"] == code
     assert "Traceback" not in response.text
     if param != "any":
@@ -297,3 +298,11 @@ async def test_errors_are_counted_by_route_and_status():
         text = (await client.get("/metrics")).text
         assert 'clipserve_requests_total{route="/classify",status="422"} 1.0' in text
         assert json.loads(json.dumps(text.count("clipserve_")))  # non-empty exposition
+
+
+async def test_a_405_names_every_method_of_the_path() -> None:
+    async with running_app() as (_, client):
+        response = await client.post("/v1/classifiers/some-name")
+        assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+        assert response.headers["allow"] == "DELETE, GET, PUT"
+        assert (await client.patch("/classify")).headers["allow"] == "POST"

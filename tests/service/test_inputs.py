@@ -81,6 +81,34 @@ def test_the_openapi_schema_describes_both_content_types_from_the_models() -> No
         assert described(content["application/json"]["schema"]) == described(model.model_json_schema())
 
 
+def test_the_published_schema_states_the_apps_own_limits_and_model() -> None:
+    from service.app import create_app
+
+    spec = create_app(Settings(max_images=3, max_labels=7, max_label_chars=9)).openapi()  # type: ignore[call-arg]
+    classify = spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+    json_body, form = classify["application/json"]["schema"], classify["multipart/form-data"]["schema"]
+    assert json_body["properties"]["images"]["maxItems"] == form["properties"]["image"]["maxItems"] == 3
+    labels = json_body["properties"]["labels"]["anyOf"][0]
+    assert labels["maxItems"] == 7 and labels["items"]["maxLength"] == 9
+    assert classify["multipart/form-data"]["encoding"]["image"]["contentType"].startswith("image/*")
+    # Labels or a saved classifier, exactly one of them.
+    assert [sorted(branch["required"]) for branch in json_body["oneOf"]] == [["labels"], ["classifier"]]
+    embeddings = spec["paths"]["/v1/embeddings"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    # The model's name and dimension come from its manifest, before the model is loaded.
+    assert embeddings["properties"]["dimensions"]["anyOf"][0]["enum"] == [64]
+    assert embeddings["properties"]["model"]["anyOf"][0]["enum"] == ["clipserve-demo"]
+
+    def references(node: object) -> list[str]:
+        if isinstance(node, dict):
+            own = [node["$ref"]] if "$ref" in node else []
+            return own + [ref for value in node.values() for ref in references(value)]
+        return [ref for value in node for ref in references(value)] if isinstance(node, list) else []
+
+    # Every reference resolves: a fuzzer skips an operation whose body points nowhere.
+    for ref in references(spec):
+        assert ref.startswith("#/components/schemas/") and ref.rpartition("/")[2] in spec["components"]["schemas"]
+
+
 async def test_a_request_has_one_deadline_for_every_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     """The image batcher, the text batcher (through the label cache and the text encoder) and the route's own
     timeout all read the deadline the route made; a second request gets its own."""
