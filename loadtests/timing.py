@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: throughput of a blocking call, a free port, stopping a server process."""
+"""Helpers the benchmark scripts share: throughput of a blocking call, a free port, stopping a server process,
+naming a request's outcome."""
 
 from __future__ import annotations
 
@@ -43,3 +44,11 @@ def stop_server(server: subprocess.Popen[Any], timeout: float) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+def outcome_kind(outcome: Any) -> str:
+    """What happened to one HTTP request, as a short key to count by: the status code of an answer ("200",
+    "503"), or the class of the exception raised instead ("ReadError", "ConnectError", "RemoteProtocolError",
+    "ReadTimeout", ...). Takes an httpx.Response or an exception (duck-typed: no httpx import here)."""
+    status = getattr(outcome, "status_code", None)
+    return str(status) if isinstance(status, int) else type(outcome).__name__
