@@ -87,6 +87,53 @@ def upload_examples(
         raise typer.Exit(1)
 
 
+@app.command("eval")
+def evaluate(
+    folder: Path = typer.Argument(..., exists=True, file_okay=False, help="One sub-folder of images per class."),
+    url: str | None = typer.Option(None, help="Evaluate a running service over HTTP instead of the engine."),
+    repository: Path | None = typer.Option(None, help="Model repository (default: the built-in demo's)."),
+    model: str | None = typer.Option(None, help="Model name in the repository."),
+    templates: list[str] | None = typer.Option(
+        None,
+        help="Prompt setting: a preset (imagenet, simple, photo, bare) or a file of one template per line; "
+        "repeatable. Default: bare label vs 'a photo of a {}.' vs the 80-template ensemble.",
+    ),
+    classifier: str | None = typer.Option(None, help="Evaluate a saved classifier (needs --url)."),
+    class_map: Path | None = typer.Option(
+        None, exists=True, dir_okay=False, help="Class names: a JSON object or 'folder<TAB>name' lines."
+    ),
+    limit_per_class: int | None = typer.Option(None, min=1, help="Use at most this many images per class."),
+    out: Path = typer.Option(Path("eval-results"), help="Where eval.json and confusion.png go."),
+    api_key: str | None = typer.Option(None, envvar="CLIPSERVE_API_KEY", help="Bearer key, if the service wants one."),
+    batch: int | None = typer.Option(None, min=1, help="Images per HTTP request (default: the server's limit)."),
+) -> None:
+    """Zero-shot accuracy on a labelled image folder: top-1, top-5, per class, confusion matrix (engine or HTTP)."""
+    import sys
+
+    from service import evaluate as ev
+
+    backend: ev.Backend | None = None
+    try:
+        if classifier is not None and url is None:
+            raise ev.EvaluationError("--classifier needs --url: saved classifiers live in a running service")
+        settings = ev.prompt_settings(templates or [], classifier)
+        dataset = ev.load_folder(folder, ev.read_class_map(class_map) if class_map else None, limit_per_class)
+        backend = ev.HttpBackend(url, api_key, batch) if url else ev.EngineBackend(repository, model)
+        total = backend.work(len(dataset.images), len(settings))
+        label = f"{len(dataset.classes)} classes, {len(dataset.images)} images"
+        with typer.progressbar(length=total, label=label, file=sys.stderr) as bar:
+            evaluation = ev.evaluate(backend, dataset, settings, bar.update)
+    except (ev.EvaluationError, OSError) as error:
+        typer.echo(f"clipserve eval: {error}", err=True)
+        raise typer.Exit(2 if isinstance(error, ev.EvaluationError) else 1) from None
+    finally:
+        if backend is not None:
+            backend.close()
+    report, picture = ev.write_outputs(evaluation, out)
+    typer.echo(ev.markdown(evaluation))
+    typer.echo(f"wrote {report} and {picture}")
+
+
 def _register_plugins() -> None:
     for entry_point in entry_points(group="clipserve.commands"):
         try:
