@@ -30,6 +30,7 @@ EXTRA_OF_MODULE = {
     "tqdm": "export",
     "onnxruntime": "cpu",
     "tensorrt": "gpu",
+    "openvino": "openvino",
 }
 
 

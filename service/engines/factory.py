@@ -85,14 +85,43 @@ def build_engines(settings: Settings, manifest: Manifest, model_dir: Path) -> En
                 )
                 for role in ROLES
             )
+        case "openvino":
+            image, text = _openvino_engines(settings, manifest, Path(model_dir))
         case "torch":
             from service.engines.torch import load_torch_engines
 
             image, text = load_torch_engines(manifest, settings)
         case other:
-            raise EngineError(f"unknown engine {other!r}; expected onnxruntime, tensorrt or torch")
+            raise EngineError(f"unknown engine {other!r}; expected onnxruntime, tensorrt, torch or openvino")
     log.info("engines: image %s; text %s", image.description, text.description)
     return EnginePair(image=image, text=text)
+
+
+def _openvino_engines(settings: Settings, manifest: Manifest, model_dir: Path) -> tuple[Engine, Engine]:
+    from service.engines.openvino import OpenVinoEngine, check_parity, new_core
+
+    # OpenVINO lowers precision itself, from the fp32 graphs; the exported fp16/int8 ones would lower it twice.
+    if settings.precision != "fp32":
+        raise EngineError(
+            f"CLIPSERVE_ENGINE=openvino compiles the fp32 graphs, but CLIPSERVE_PRECISION={settings.precision}; "
+            "unset it and choose what OpenVINO computes in with CLIPSERVE_OPENVINO_PRECISION (f32 or bf16)"
+        )
+    core = new_core(settings.openvino_precision)  # first: refuses bf16 on a CPU without it before compiling anything
+    paths = {role: model_dir / _onnx_graph(manifest, role, "fp32").path for role in ROLES}
+    image, text = (
+        OpenVinoEngine(
+            paths[role], role, precision=settings.openvino_precision, core=core, threads=settings.intra_op_threads
+        )
+        for role in ROLES
+    )
+    if image.precision != "fp32":
+        try:
+            check_parity(image, text, paths, manifest, model_dir, threads=settings.intra_op_threads)
+        except BaseException:
+            image.close()
+            text.close()
+            raise
+    return image, text
 
 
 def _onnx_graph(manifest: Manifest, role: str, precision: str) -> Artifact:
