@@ -36,7 +36,7 @@ class Settings(SharedSettings):
     onnx_providers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="ONNX Runtime providers in order of preference; empty: best installed."
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads per session; 0: its default.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime or OpenVINO threads per session; 0: its default.")
     openvino_precision: Literal["f32", "bf16"] = Field(
         "f32",
         description="What CLIPSERVE_ENGINE=openvino computes the fp32 graphs in: f32, or bf16 (about twice as fast on "
