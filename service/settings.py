@@ -74,7 +74,11 @@ class Settings(SharedSettings):
     )
 
     # --- batching (max_batch_size: SharedSettings) ---------------------------------------------------------------
-    max_wait_ms: float = Field(5.0, ge=0, description="Longest an image waits for others to join its batch.")
+    max_wait_ms: float = Field(
+        5.0,
+        ge=0,
+        description="Longest images queued together wait for more to join their batch; a lone one goes at once.",
+    )
     max_queue: int = Field(512, ge=1, description="Images waiting for the engine before requests get 503.")
     text_max_batch_size: int = Field(256, ge=1, description="Most prompts per text-engine call.")
     text_max_wait_ms: float = Field(2.0, ge=0, description="Longest a prompt waits for others to join.")
