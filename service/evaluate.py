@@ -66,6 +66,7 @@ class Dataset:
     folders: list[str]
     images: list[Path]
     truth: np.ndarray  # [N] class index per image
+    skipped: list[Path] = field(default_factory=list)  # files with an image suffix that do not open as images
 
     def counts(self) -> list[int]:
         return np.bincount(self.truth, minlength=len(self.classes)).tolist()
@@ -107,15 +108,28 @@ def load_folder(root: Path, class_map: dict[str, str] | None = None, limit_per_c
         raise EvaluationError(f"several folders give the same class name: {', '.join(duplicates)}")
     images: list[Path] = []
     truth: list[int] = []
+    skipped: list[Path] = []
     for index, folder in enumerate(folders):
-        files = sorted(p for p in (root / folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)[
-            :limit_per_class
-        ]
-        images += files
-        truth += [index] * len(files)
+        files = sorted(p for p in (root / folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        opens = {p: _opens(p) for p in files}
+        skipped += [p for p in files if not opens[p]]
+        readable = [p for p in files if opens[p]][:limit_per_class]
+        images += readable
+        truth += [index] * len(readable)
     if not images:
         raise EvaluationError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in the sub-folders of {root}")
-    return Dataset(root, classes, folders, images, np.asarray(truth, dtype=np.int64))
+    return Dataset(root, classes, folders, images, np.asarray(truth, dtype=np.int64), skipped)
+
+
+def _opens(path: Path) -> bool:
+    # A real folder has the odd truncated download or mislabelled file: it is left out and listed, rather than
+    # stopping the run (the engine would fail on it, and over HTTP it would take its whole batch down with a 422).
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception:
+        return False
+    return True
 
 
 # --- prompt settings -----------------------------------------------------------------------------------------
@@ -411,7 +425,8 @@ def markdown(evaluation: Evaluation) -> str:
     dataset = evaluation.dataset
     lines = [
         f"Zero-shot evaluation of {evaluation.model} ({evaluation.source}) on {dataset.root}: "
-        f"{len(dataset.images)} images, {len(dataset.classes)} classes.",
+        f"{len(dataset.images)} images, {len(dataset.classes)} classes."
+        + (f" Left out, unreadable: {len(dataset.skipped)} file(s) (listed in eval.json)." if dataset.skipped else ""),
         "",
         "| setting | top-1 | top-5 | mean per-class | images |",
         "|---|---|---|---|---|",
@@ -473,6 +488,7 @@ def to_json(evaluation: Evaluation) -> dict[str, Any]:
         "classes": dataset.classes,
         "folders": dataset.folders,
         "images_per_class": dict(zip(dataset.classes, dataset.counts(), strict=True)),
+        "skipped": [str(path.relative_to(dataset.root)) for path in dataset.skipped],
         "main": evaluation.main.setting.name,
         "settings": settings,
     }

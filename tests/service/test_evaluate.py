@@ -33,6 +33,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
             # Both codecs: the service and the engine path must decode each the same way.
             image.save(root / name / (f"{i}.png" if i % 2 else f"{i}.jpg"), **({} if i % 2 else {"quality": 90}))
     (root / "red_circle" / "notes.txt").write_text("not an image")
+    (root / "blue_square" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0 a download cut short")
     return root
 
 
@@ -65,6 +66,7 @@ def test_engine_and_http_give_the_same_accuracy(folder: Path, tmp_path: Path) ->
     classes = [name.replace("_", " ") for name in sorted(CLASSES)]
     assert engine["classes"] == classes
     assert engine["images_per_class"] == dict.fromkeys(classes, PER_CLASS)
+    assert engine["skipped"] == ["blue_square/truncated.jpg"]  # left out and listed, not the end of the run
     assert set(engine["settings"]) == PRESET_SETTINGS and engine["main"] == "imagenet"
     assert engine["model"] == "clipserve-demo"
     # The demo model knows these compositions well; a floor, not an exact figure, so retraining it keeps this green.
@@ -81,6 +83,7 @@ def test_engine_and_http_give_the_same_accuracy(folder: Path, tmp_path: Path) ->
     with live_server(max_images=5) as (_, url):
         http = run(str(folder), "--url", url, "--out", str(tmp_path / "http"))
         assert http["backend"] == "HttpBackend" and http["model"] == "clipserve-demo"
+        assert http["skipped"] == engine["skipped"]  # not sent: it would have failed its whole batch with a 422
         for setting in PRESET_SETTINGS:
             assert_same_numbers(engine, http, setting, setting)
 
