@@ -32,7 +32,6 @@ and a small answer, not memory for its body, a decode and a place in the batcher
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -42,12 +41,11 @@ import time
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import Overloaded, ServiceError, error_body
+from service.errors import Overloaded, ServiceError, error_response
 from service.middleware import discard_body
 
 log = logging.getLogger("clipserve")
@@ -162,11 +160,11 @@ class AdmissionMiddleware:
             return
         if self.drain.draining:
             await _discard_body(scope, receive)
-            await self._refuse(scope, send, Draining())
+            await self._refuse(scope, receive, send, Draining())
             return
         if self.in_flight >= self.max_concurrent:
             overloaded = Overloaded(f"{self.max_concurrent} requests already in flight; retry shortly")
-            await self._refuse(scope, send, overloaded)
+            await self._refuse(scope, receive, send, overloaded)
             return
         started = False
 
@@ -187,7 +185,7 @@ class AdmissionMiddleware:
             )
             if not started:  # else uvicorn closes the connection on the incomplete response
                 message = "the server is shutting down and this request did not finish within its grace; retry"
-                await self._refuse(scope, send, Draining(message))
+                await self._refuse(scope, receive, send, Draining(message))
         finally:
             self.in_flight -= 1
 
@@ -200,15 +198,11 @@ class AdmissionMiddleware:
 
         return closing_send
 
-    async def _refuse(self, scope: Scope, send: Send, error: ServiceError) -> None:
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ServiceError) -> None:
         # The router never sees a refused request: a route label of its own keeps these 503s apart from the 404s
         # ("unmatched") in the request metrics and the access log, and bounded (unlike the raw path).
         scope.setdefault("route", _REFUSED)
-        body = json.dumps(error_body(error.code, error.message)).encode()
-        headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await error_response(error)(scope, receive, send)
 
 
 async def _discard_body(scope: Scope, receive: Receive) -> None:

@@ -3,7 +3,6 @@ through untouched, which BaseHTTPMiddleware does not guarantee)."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_body
+from service.errors import PayloadTooLarge, error_response
 from service.metrics import Metrics
 
 
@@ -134,9 +133,10 @@ async def discard_body(receive: Receive, most_bytes: int, most_s: float) -> None
 
 
 async def _send_too_large(send: Send, message: str, linger: Callable[[], Awaitable[None]]) -> None:
-    body = json.dumps(error_body("payload_too_large", message)).encode()
-    headers: list[Any] = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 413, "headers": _with_connection_close(headers)})
-    await send({"type": "http.response.body", "body": body, "more_body": True})
+    # The one error response, sent by hand: its last (empty) message must wait for the discarding.
+    response = error_response(PayloadTooLarge(message))
+    headers = _with_connection_close(response.raw_headers)
+    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
     await linger()
     await send({"type": "http.response.body", "body": b"", "more_body": False})

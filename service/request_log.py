@@ -13,10 +13,9 @@ import re
 import time
 import uuid
 
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.errors import ServiceError, error_response
 from service.request_context import ServedRequest, bind
 
 log = logging.getLogger("clipserve.access")
@@ -66,7 +65,7 @@ class RequestLogMiddleware:
             )
             if status:
                 raise  # the answer has begun: all that is left is to drop the connection
-            response = JSONResponse(error_body("internal_error", "internal error; see the server log"), 500)
+            response = error_response(ServiceError("internal error; see the server log"))
             await response(scope, receive, send_with_id)
         finally:
             token.var.reset(token)
