@@ -37,6 +37,8 @@ class _Item:
     queued: bool = True  # still in a queue (live items there count in `depth`)
     background: bool = False
     engine_rows: int = 0  # rows of the engine call that ran it, for the request's log line
+    taken: float = 0.0  # time.monotonic() when the worker took it into a batch
+    engine_ms: float = 0.0  # the engine call(s) that ran it, for the request's Server-Timing
 
 
 def _row_count(output: Any) -> int | str:
@@ -131,6 +133,8 @@ class DynamicBatcher:
             self._withdraw(item, "deadline")
             raise DeadlineExceeded(f"the {self.name} request did not finish before its deadline")
         request_context.note_batch(self.name, item.engine_rows)
+        request_context.note_time(f"{self.name}_queue", (item.taken - item.submitted) * 1000)
+        request_context.note_time(f"{self.name}_engine", item.engine_ms)
         return item.future.result()
 
     async def _serve(self) -> None:
@@ -195,7 +199,7 @@ class DynamicBatcher:
         item.queued = False
         if not item.background:
             self._set_depth(self._depth - len(item.rows))
-        now = time.monotonic()
+        now = item.taken = time.monotonic()
         # Background waits are their own series: they are long by design and would hide the live ones.
         lane = f"{self.name}-background" if item.background else self.name
         self._metrics.queue_wait_seconds.labels(lane).observe(now - item.submitted)
@@ -233,6 +237,7 @@ class DynamicBatcher:
         # Only an item bigger than max_batch_size needs more than one call.
         loop = asyncio.get_running_loop()
         parts = []
+        engine_s = 0.0
         for start in range(0, len(inputs), self.max_batch_size):
             if start and all(item.future.done() for item in items):
                 # Every caller has gone (cancelled or timed out): the remaining chunks would only delay others.
@@ -243,12 +248,15 @@ class DynamicBatcher:
             try:
                 output = await loop.run_in_executor(self._executor, self._run, chunk)
             finally:
+                engine_s += time.perf_counter() - began
                 self._metrics.engine_seconds.labels(self.name).observe(time.perf_counter() - began)
             # A short output would shift every later caller onto someone else's rows: refuse it outright.
             got = _row_count(output)
             if got != len(chunk):
                 raise ServiceError(f"the {self.name} engine returned {got} rows for {len(chunk)} inputs")
             parts.append(output)
+        for item in items:
+            item.engine_ms = engine_s * 1000
         if len(parts) == 1:
             return parts[0]
         if not all(isinstance(part, np.ndarray) for part in parts):

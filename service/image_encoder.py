@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service import request_context
 from service.batcher import DynamicBatcher
 from service.deadline import Deadline
 from service.images import ImageInput
@@ -34,18 +35,27 @@ class ImageEncoder:
         self._preprocess, self._batcher, self._pool, self._metrics = preprocess, batcher, pool, metrics
         self.on_device = on_device
 
-    def _preprocess_one(self, image: ImageInput) -> np.ndarray:
+    def _preprocess_one(self, image: ImageInput) -> tuple[np.ndarray, float, float]:
+        """The image's pixels, and the milliseconds its base64 decoding and its decoding + preprocessing took."""
         start = time.perf_counter()
-        pixels = self._preprocess(image.decoded(), image.param)
-        self._metrics.preprocess_seconds.observe(time.perf_counter() - start)
-        return pixels
+        data = image.decoded()
+        decoded = time.perf_counter()
+        pixels = self._preprocess(data, image.param)
+        done = time.perf_counter()
+        self._metrics.preprocess_seconds.observe(done - start)
+        return pixels, (decoded - start) * 1000, (done - decoded) * 1000
 
     async def device_parts(self, images: Sequence[ImageInput], deadline: Deadline) -> list[Any]:
         """The engine's output for the images, in parts of at most one engine batch: host arrays, or DeviceArrays
         on the GPU path (the batcher slices those but cannot join them across engine calls)."""
         loop = asyncio.get_running_loop()
         jobs = [loop.run_in_executor(self._pool, self._preprocess_one, image) for image in images]
-        pixels = np.stack(await asyncio.gather(*jobs))
+        done = await asyncio.gather(*jobs)
+        # Noted here, in the request's task (the pool's threads do not see its context); summed over the images,
+        # which the pool works on in parallel.
+        request_context.note_time("base64", sum(base64_ms for _, base64_ms, _ in done))
+        request_context.note_time("preprocess", sum(preprocess_ms for _, _, preprocess_ms in done))
+        pixels = np.stack([image_pixels for image_pixels, _, _ in done])
         step = self._batcher.max_batch_size if self.on_device else len(pixels)
         parts = [self._batcher.submit(pixels[i : i + step], deadline=deadline.at) for i in range(0, len(pixels), step)]
         return list(await asyncio.gather(*parts))

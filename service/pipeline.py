@@ -26,6 +26,7 @@ import numpy as np
 
 from models.fewshot import Prototypes
 from models.scoring import Scoring, cosines, ranked
+from service import request_context
 from service.batcher import DynamicBatcher
 from service.classifiers.registry import Classifiers
 from service.classifiers.store import DefinitionStore, FileDefinitions, RedisDefinitions, SliceFiles
@@ -241,7 +242,10 @@ class Pipeline:
             loop = asyncio.get_running_loop()
             parts = [await loop.run_in_executor(self.similarity_pool, rank, part) for part in image_parts]
             result = parts[0] if len(parts) == 1 else RankedScores(*map(np.concatenate, zip(*parts, strict=True)))
-        return Classification(labels, result, images_ms, labels_ms, _elapsed_ms(start), request.classifier)
+        similarity_ms = _elapsed_ms(start)
+        request_context.note_time("labels", labels_ms)  # beside the images' stages, not after them
+        request_context.note_time("similarity", similarity_ms)
+        return Classification(labels, result, images_ms, labels_ms, similarity_ms, request.classifier)
 
     def _label_set_key(self, labels: Sequence[str], templates: Sequence[str]) -> str:
         """Names a label matrix by what it is made of, for the GPU's label cache (the vectors' own namespace

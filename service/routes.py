@@ -10,11 +10,12 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service import schemas
+from service import request_context, schemas
 from service.admission import Draining
 from service.classifiers.registry import Classifier
 from service.classifiers.store import Definition
@@ -33,7 +34,7 @@ from service.inputs import (
     embeddings_input,
     examples_input,
 )
-from service.pipeline import Pipeline
+from service.pipeline import Classification, Pipeline
 from service.schemas import request_body
 
 T = TypeVar("T")
@@ -83,25 +84,34 @@ def _encode(vectors: np.ndarray, encoding_format: str) -> list[list[float] | str
     return [v.tolist() for v in vectors.astype(np.float32)]
 
 
-def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schemas.ClassifyResponse:
+def _classification_response(p: Pipeline, result: Classification, total_ms: float) -> Response:
+    """The ClassifyResponse document, written straight from the ranked arrays: building it as pydantic models (one
+    LabelScore per label, validated, then serialised) took about 6 ms of a warm 1,000-label request here, plain
+    lists and orjson about 1 ms. The route's response_model still documents it."""
+    start = time.perf_counter()
+    names = result.labels
     results = [
-        schemas.ImageResult(
-            labels=[
-                schemas.LabelScore(label=result.labels[c], probability=float(p), score=float(score))
-                for c, p, score in zip(indices, probabilities, scores, strict=True)
+        {
+            "labels": [
+                {"label": names[c], "probability": probability, "score": score}
+                for c, probability, score in zip(indices.tolist(), probabilities.tolist(), scores.tolist(), strict=True)
             ]
-        )
+        }
         for indices, probabilities, scores in zip(
             result.ranked.indices, result.ranked.probabilities, result.ranked.cosines, strict=True
         )
     ]
-    timing = schemas.Timing(
-        total_ms=round(total_ms, 3),
-        images_ms=round(result.images_ms, 3),
-        labels_ms=round(result.labels_ms, 3),
-        similarity_ms=round(result.similarity_ms, 3),
-    )
-    return schemas.ClassifyResponse(model=p.model.name, classifier=result.classifier, results=results, timing=timing)
+    timing = {
+        "total_ms": round(total_ms, 3),
+        "images_ms": round(result.images_ms, 3),
+        "labels_ms": round(result.labels_ms, 3),
+        "similarity_ms": round(result.similarity_ms, 3),
+    }
+    document = {"model": p.model.name, "classifier": result.classifier, "results": results, "timing": timing}
+    # orjson: json.dumps spent 6 ms on a 1,000-label answer's floats (their repr), orjson 0.3 ms; same numbers.
+    response = Response(orjson.dumps(document), media_type="application/json")
+    request_context.note_time("respond", (time.perf_counter() - start) * 1000)
+    return response
 
 
 # ------------------------------------------------------------------------------------------------- /classify
@@ -115,7 +125,7 @@ def _classification_response(p: Pipeline, result: Any, total_ms: float) -> schem
 )
 async def classify(
     request: Request, inputs: ClassifyInput = Depends(classify_input), p: Pipeline = Depends(pipeline)
-) -> schemas.ClassifyResponse:
+) -> Response:
     start = time.perf_counter()
     deadline = Deadline.after(p.settings.request_timeout_s)
     result = await serve(request, deadline, p.classify(inputs, deadline))

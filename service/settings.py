@@ -37,6 +37,11 @@ class Settings(SharedSettings):
         default_factory=list, description="ONNX Runtime providers in order of preference; empty: best installed."
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime or OpenVINO threads per session; 0: its default.")
+    intra_op_spinning: bool = Field(
+        False,
+        description="Let ONNX Runtime's threads spin for work between runs (its own default). Off: they share the "
+        "cores with request handling, which spinning starves; on may pay on a node with cores to spare.",
+    )
     openvino_precision: Literal["f32", "bf16"] = Field(
         "f32",
         description="What CLIPSERVE_ENGINE=openvino computes the fp32 graphs in: f32, or bf16 (about twice as fast on "

@@ -59,6 +59,7 @@ def build_engines(settings: Settings, manifest: Manifest, model_dir: Path) -> En
                     precision=settings.precision,
                     providers=settings.onnx_providers,
                     intra_op_threads=settings.intra_op_threads,
+                    spin=settings.intra_op_spinning,
                 )
                 for role in ROLES
             )

@@ -1,5 +1,6 @@
 """Label vectors, computed once: the memory tier in front of the Redis tier shared by all replicas, and
-single-flight so that concurrent requests never encode the same label twice.
+single-flight so that concurrent requests never encode the same label twice. In front of them all, the whole
+matrices of recently used label sets (service/labels/sets.py), so that a warm request does no per-label work.
 
 A label's vector depends only on (model, templates, label): models.templates.ensemble of the text embeddings
 of the label put through each template (CLIP §3.1.4). Keys are `{namespace}:{templates digest}:{label digest}`,
@@ -20,6 +21,7 @@ from models.templates import apply_templates, ensemble
 from service.deadline import Deadline
 from service.labels.memory import MemoryTier, frozen
 from service.labels.redis_tier import RedisTier
+from service.labels.sets import LabelSets
 from service.labels.single_flight import SingleFlight
 from service.metrics import Metrics
 
@@ -56,6 +58,8 @@ class LabelCache:
             raise ValueError("chunk_prompts must be >= 1")
         self.namespace, self.dim, self._encode, self._metrics = namespace, dim, encode, metrics
         self.memory, self.redis, self.chunk_prompts = memory, redis, chunk_prompts
+        # A quarter of the vector tier's bound again: a set's matrix repeats vectors the tier holds as well.
+        self.sets = LabelSets(memory.max_bytes // 4)
         self._flight: SingleFlight[str, np.ndarray] = SingleFlight()
         # Background work (preparing saved classifiers) shares computations only with itself: a live request must
         # never wait for prompts queued on the background lane (it would wait behind every live prompt).
@@ -88,22 +92,28 @@ class LabelCache:
     async def label_matrix(
         self, labels: Sequence[str], templates: Sequence[str], deadline: Deadline, *, background: bool = False
     ) -> np.ndarray:
-        """[C, D] float32, row i the vector of labels[i]; raises only what `encode` raises. Misses this call
+        """[C, D] float32, read-only, row i the vector of labels[i]; raises only what `encode` raises. Misses this call
         encodes itself run as `background` work when asked, sharing computations only with other background
         calls."""
         templates = tuple(templates)
         if not templates:
             raise ValueError("templates must not be empty")  # the mean of no embeddings is undefined
+        set_key = (templates, tuple(labels))
+        known = self.sets.get(set_key)
+        if known is not None:
+            self._metrics.cache_lookups.labels("memory", "hit").inc(known.distinct)
+            return known.matrix
         tdigest = self._templates_digest(templates)
         keys = [self._key(tdigest, label) for label in labels]
         label_of = dict(zip(keys, labels, strict=True))  # distinct keys, in request order
         found: dict[str, np.ndarray] = {}
         for key in label_of:
             vector = self.memory.get(key)
-            self._metrics.cache_lookups.labels("memory", "miss" if vector is None else "hit").inc()
             if vector is not None:
                 found[key] = vector
         missing = [key for key in label_of if key not in found]
+        self._metrics.cache_lookups.labels("memory", "hit").inc(len(found))
+        self._metrics.cache_lookups.labels("memory", "miss").inc(len(missing))
         if missing:
 
             async def resolve(owned: list[str]) -> dict[str, np.ndarray]:
@@ -115,7 +125,10 @@ class LabelCache:
             found.update(await flight.get(missing, resolve))
         if not keys:
             return np.zeros((0, self.dim), np.float32)
-        return np.stack([found[key] for key in keys])
+        matrix = np.stack([found[key] for key in keys])
+        matrix.flags.writeable = False  # later requests with this label set share it
+        self.sets.put(set_key, matrix, len(label_of))
+        return matrix
 
     async def cached_matrix(self, labels: Sequence[str], templates: Sequence[str]) -> np.ndarray | None:
         """The label matrix if every vector is in memory or Redis, else None; never encodes anything."""

@@ -163,11 +163,46 @@ async def test_rows_are_renormalised_template_means_in_label_order(make_cache: M
     assert matrix.shape == (5, DIM) and matrix.dtype == np.float32
     np.testing.assert_allclose(matrix, np.stack([expected(label) for label in labels]), atol=1e-6)
     np.testing.assert_allclose(np.linalg.norm(matrix, axis=1), 1.0, atol=1e-6)
-    matrix[0] = 0  # the answer is the caller's own copy: scribbling on it must not reach the cache
+    with pytest.raises(ValueError, match="read-only"):  # requests with this label set share it: nobody may change it
+        matrix[0] = 0
+    assert await cache.label_matrix(list(labels), TEMPLATES, DEADLINE) is matrix  # the set's matrix, kept whole
     np.testing.assert_allclose((await cache.label_matrix(["cat"], TEMPLATES, DEADLINE))[0], expected("cat"), atol=1e-6)
     assert (await cache.label_matrix([], TEMPLATES, DEADLINE)).shape == (0, DIM)
     with pytest.raises(ValueError, match="templates"):
         await cache.label_matrix(["cat"], [], DEADLINE)
+
+
+def memory_lookups(metrics: Metrics, result: str) -> float:
+    return metrics.value("clipserve_label_cache_total", {"tier": "memory", "result": result})
+
+
+async def test_a_label_set_seen_before_is_one_kept_matrix_counted_per_distinct_label(make_cache: MakeCache) -> None:
+    cache, encoder, metrics = await make_cache()
+    labels = [f"label {i}" for i in range(50)] + ["label 0"]
+    first = await cache.label_matrix(labels, TEMPLATES, DEADLINE)
+    assert (memory_lookups(metrics, "miss"), memory_lookups(metrics, "hit")) == (50, 0)
+    cache.memory = MemoryTier(cache.memory.max_bytes)  # the per-label tier forgets: the set's matrix still answers
+    again = await cache.label_matrix([str(label) for label in labels], list(TEMPLATES), DEADLINE)  # equal, not same
+    assert again is first and len(encoder.calls) == 1
+    assert (memory_lookups(metrics, "miss"), memory_lookups(metrics, "hit")) == (50, 50)
+    # Another order, a subset or other templates are other sets, built from the per-label tiers, rows in order.
+    reordered = await cache.label_matrix(labels[::-1], TEMPLATES, DEADLINE)
+    np.testing.assert_array_equal(reordered, first[::-1])
+    other = await cache.label_matrix(labels[:2], TEMPLATES[:1], DEADLINE)
+    np.testing.assert_allclose(other, np.stack([expected(label, TEMPLATES[:1]) for label in labels[:2]]), atol=1e-6)
+
+
+async def test_label_sets_stay_within_a_quarter_of_the_memory_bound(make_cache: MakeCache) -> None:
+    row = DIM * 4
+    cache, encoder, _ = await make_cache(memory_bytes=400 * row)  # sets: 100 rows' worth
+    big = [f"big {i}" for i in range(120)]
+    matrix = await cache.label_matrix(big, TEMPLATES, DEADLINE)
+    assert await cache.label_matrix(big, TEMPLATES, DEADLINE) is not matrix  # too big to keep whole: rebuilt
+    small = [[f"small {s} {i}" for i in range(40)] for s in range(3)]
+    kept = [await cache.label_matrix(labels, TEMPLATES, DEADLINE) for labels in small]
+    assert await cache.label_matrix(small[2], TEMPLATES, DEADLINE) is kept[2]
+    assert await cache.label_matrix(small[0], TEMPLATES, DEADLINE) is not kept[0]  # the oldest made room
+    assert len(encoder.calls) == 4  # and every vector still came from the per-label tier
 
 
 async def test_keys_are_versioned_by_namespace_templates_and_label(make_cache: MakeCache) -> None:

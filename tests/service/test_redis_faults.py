@@ -62,9 +62,10 @@ def redis_lookups(app: Any, result: str) -> float:
 
 
 def forget_memory(app: Any) -> None:
-    """Empties the memory tier, so that the next lookups go to Redis."""
+    """Empties the memory tier and the label sets in front of it, so that the next lookups go to Redis."""
     cache = app.state.pipeline.label_cache
     cache.memory = MemoryTier(cache.memory.max_bytes)
+    cache.sets.clear()
 
 
 async def test_redis_stopped_fails_no_request_and_changes_no_answer(redis_server: RedisServer) -> None:

@@ -44,6 +44,46 @@ async def test_every_answer_carries_a_request_id_and_errors_name_it(caplog) -> N
         assert len(ids) == 20
 
 
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    stages = [entry.split(";dur=") for entry in response.headers["server-timing"].split(", ")]
+    return {name: float(ms) for name, ms in stages}
+
+
+async def test_server_timing_names_each_stage_of_a_classification() -> None:
+    async with running_app() as (_, client):
+        images = [b64(shape_png()), b64(shape_png())]
+        response = await client.post("/classify", json={**CLASSIFY, "images": images})
+        assert response.status_code == 200
+        stages = server_timing(response)
+        assert list(stages)[-1] == "app"
+        # In the order the request's work noted them; the images' and the labels' halves run side by side.
+        assert set(stages) == {
+            "parse",
+            "base64",
+            "preprocess",
+            "image_queue",
+            "image_engine",
+            "text_queue",  # the labels were new: the text engine ran beside the images
+            "text_engine",
+            "labels",
+            "similarity",
+            "respond",
+            "app",
+        }
+        assert all(ms >= 0 for ms in stages.values())
+        # The stages on the images' path ran one after another within the request's time in the app.
+        images_path = ("parse", "base64", "preprocess", "image_queue", "image_engine", "similarity", "respond")
+        assert sum(stages[stage] for stage in images_path) <= stages["app"]
+        timing = response.json()["timing"]
+        assert stages["labels"] == pytest.approx(timing["labels_ms"], abs=1e-3)
+
+        warm = server_timing(await client.post("/classify", json={**CLASSIFY, "images": images[:1]}))
+        assert "text_engine" not in warm and warm["labels"] < stages["labels"]  # every label vector was cached
+
+        error = await client.post("/classify", json={**CLASSIFY, "images": []})
+        assert error.status_code == 422 and list(server_timing(error)) == ["app"]
+
+
 async def test_each_request_is_logged_once_with_route_status_duration_and_batch(caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO, "clipserve.access")
     async with running_app() as (_, client):
