@@ -13,7 +13,7 @@ OUT ?= loadtests/results
 # torch and torchvision are pinned by the `export` extra; pip takes them from this machine's wheel cache.
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
-.PHONY: serve test coverage test-all test-docker lint loadtest kernels gpu-wheels gpu-check train-demo eval-demo export-demo clean
+.PHONY: serve test coverage test-all test-docker lint loadtest bench kernels gpu-wheels gpu-check train-demo eval-demo export-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ test-docker: $(VENV)/.test-installed
 # Headless Locust against a running server (make serve, a container, a cluster): make loadtest URL=http://host:8000
 loadtest: $(VENV)/.loadtest-installed
 	$(BIN)/python -m loadtests.run --host $(URL) --users $(USERS) --run-time $(DURATION) --out $(OUT) $(ARGS)
+
+# Every speed number side by side in one run (about 15 minutes here; the first run also exports a random-init
+# ViT-B-32 into .bench/): raw engines, /classify against a transformers app, the per-request breakdown. Writes
+# docs/benchmarks.md, docs/benchmarks.json and docs/benchmarks/*.png.
+bench: $(VENV)/.test-installed
+	$(BIN)/python -m loadtests.bench $(ARGS)
 
 # The CUDA similarity kernel's fatbin (service/kernels/similarity.fatbin), for running the GPU path from this
 # checkout; needs nvcc (CUDA 13), no GPU. The gpu image builds its own.

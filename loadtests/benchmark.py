@@ -102,16 +102,25 @@ def engine_images_per_second(model_dir: Path, batch: int, seconds: float) -> flo
     return images / elapsed
 
 
-def start_server(repository: Path, model: str, port: int, max_batch_size: int, log: IO[bytes]) -> subprocess.Popen:
-    env = {
+SERVE_COMMAND = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]  # + ["--port", N]
+
+
+def server_env(repository: Path, model: str, max_batch_size: int, **extra: str) -> dict[str, str]:
+    """The environment a benchmarked server runs with: generous queue and timeout, so that load shows as latency."""
+    return {
         **os.environ,
         "CLIPSERVE_MODEL_REPOSITORY": str(repository),
         "CLIPSERVE_MODEL": model,
         "CLIPSERVE_MAX_BATCH_SIZE": str(max_batch_size),
         "CLIPSERVE_REQUEST_TIMEOUT_S": "120",
         "CLIPSERVE_MAX_QUEUE": "4096",
+        **extra,
     }
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def start_server(repository: Path, model: str, port: int, max_batch_size: int, log: IO[bytes]) -> subprocess.Popen:
+    env = server_env(repository, model, max_batch_size)
+    command = [*SERVE_COMMAND, "--port", str(port)]
     # The server's log goes to a file, never to a pipe nobody reads: it writes a line per request to stderr, and
     # once a pipe's 64 KiB buffer is full (about 500 requests) the write blocks its event loop and the server
     # stops answering (what made this script die at its first busy level with an httpx timeout).
