@@ -105,7 +105,7 @@ def check_targets(run: dict[str, Any]) -> list[targets.Target]:
         targets.throughput_against_baseline(levels, ours, TRANSFORMERS, 10, 2.0),
         targets.against_baseline(levels, ours, TRANSFORMERS, 1000, 50.0),
         targets.label_count_cost(run["breakdowns"], VIT),
-        targets.serving_overhead(levels, rows, vit_breakdown, ours, VIT),
+        targets.serving_overhead(vit_breakdown, rows, VIT),
         targets.batching_efficiency(levels, rows, ours, VIT, 0.85),
         targets.matmul_efficiency(rows, VIT, VIT_B_32_GFLOP_PER_IMAGE, run["matmul_gflops"]),
         targets.reduced_precision_speedup(rows, VIT),

@@ -105,25 +105,29 @@ def label_count_cost(breakdowns: list[dict], model: str, bound: float = 1.2) -> 
     )
 
 
-def serving_overhead(
-    levels: list[dict], engines: list[dict], breakdown: dict | None, service: str, model: str, slack_ms: float = 10
-) -> Target:
-    """Request latency at concurrency 1 against the raw engine's batch-1 time plus preprocessing plus `slack_ms`;
-    the ratio is latency over that budget (≤ 1 meets it)."""
-    level = _level(levels, service, 10, 1)
-    rate = _engine(engines, model, "onnxruntime", "fp32", 1)
-    if not level or not rate or not breakdown:
-        return Target("latency at concurrency 1 ≤ engine + preprocessing + 10 ms", None, 1.0, False, "not measured")
-    engine_ms = 1000 / rate
-    preprocess_ms = breakdown["stages_ms"].get("base64", 0.0) + breakdown["stages_ms"].get("preprocess", 0.0)
+def serving_overhead(breakdown: dict | None, engines: list[dict], model: str, slack_ms: float = 10) -> Target:
+    """Request latency at concurrency 1 against the engine's batch-1 time plus preprocessing plus `slack_ms`; the
+    ratio is latency over that budget (≤ 1 meets it). Latency, engine and preprocessing all come from the same
+    sequential requests (their medians: client clock and Server-Timing), because on a shared machine the engine's
+    own speed drifts by tens of percent between minutes; the standalone raw engine's batch-1 time, measured
+    earlier in the run, is quoted beside it, so that an engine slowed down by the service would still show."""
+    name = "latency at concurrency 1 ≤ engine + preprocessing + 10 ms"
+    if not breakdown or "image_engine" not in breakdown["stages_ms"]:
+        return Target(name, None, 1.0, False, "not measured")
+    stages = breakdown["stages_ms"]
+    engine_ms = stages["image_engine"]
+    preprocess_ms = stages.get("base64", 0.0) + stages.get("preprocess", 0.0)
     budget = engine_ms + preprocess_ms + slack_ms
+    rate = _engine(engines, model, "onnxruntime", "fp32", 1)
+    standalone = f"; the standalone raw engine at batch 1 took {1000 / rate:.1f} ms earlier in the run" if rate else ""
     return Target(
-        "latency at concurrency 1 ≤ engine + preprocessing + 10 ms",
-        level["p50_ms"] / budget,
+        name,
+        breakdown["client_ms"] / budget,
         1.0,
         False,
-        f"{service} p50 {level['p50_ms']:.1f} ms against raw ONNX Runtime fp32 batch 1 {engine_ms:.1f} ms + "
-        f"preprocessing {preprocess_ms:.1f} ms + {slack_ms:g} ms = {budget:.1f} ms (ratio = p50 ÷ that sum)",
+        f"{model}, {breakdown['labels']} labels: median latency {breakdown['client_ms']:.1f} ms against its image "
+        f"engine call {engine_ms:.1f} ms + preprocessing {preprocess_ms:.1f} ms + {slack_ms:g} ms = {budget:.1f} ms, "
+        f"so {breakdown['client_ms'] - engine_ms - preprocess_ms:.1f} ms of serving overhead{standalone}",
     )
 
 
