@@ -144,7 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="benchmarks.md, .json and benchmarks/*.png")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--demo-only", action="store_true", help="no ViT-B-32 (and no transformers app): quick")
+    parser.add_argument("--render", type=Path, help="no measuring: redraw the report and plots from a saved run")
     args = parser.parse_args(argv)
+    if args.render:  # the same numbers, with this checkout's targets, report and plots
+        saved: dict[str, Any] = json.loads(args.render.read_text())
+        saved["targets"] = [target.to_dict() for target in check_targets(saved)]
+        saved["target_notes"] = target_notes(saved)
+        write(saved, args.out)
+        return 0
     started = time.monotonic()
     run: dict[str, Any] = {"levels": [], "breakdowns": [], "label_cache": {}, "target_notes": []}
     models = [(REPOSITORY_DIR, EXPORT_NAME)]

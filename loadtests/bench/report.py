@@ -96,7 +96,10 @@ def _http(run: dict[str, Any]) -> list[str]:
         "## /classify over HTTP",
         "",
         "N clients, each sending its next request when its last is answered, for a fixed time per level "
-        "(`loadtests.benchmark.drive`); requests/s and latencies count the 200s, every other outcome is listed.",
+        "(`loadtests.benchmark.drive`); requests/s and latencies count the 200s, every other outcome is listed. "
+        "The levels run one after another, minutes apart, and this shared machine's speed drifts between minutes "
+        "(the 1,000-label levels also come right after the cold encoding of those labels, 100 s of full load for "
+        "ViT-B-32): to compare 10 with 1,000 labels, use the breakdown below, where the two take turns.",
         "",
         "| service | labels | concurrency | requests/s | p50 ms | p99 ms | 200s | errors | note |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
@@ -166,8 +169,9 @@ def markdown(run: dict[str, Any]) -> str:
         [
             "## Reproduce",
             "",
-            "`make bench` (about a quarter of an hour here; the first run also exports ViT-B-32 into `.bench/`). It "
-            "rewrites this file, `docs/benchmarks.json` (every number above) and the plots in `docs/benchmarks/`.",
+            "`make bench` (about 10 minutes here, and 3 more the first time, to export ViT-B-32 into `.bench/`). It "
+            "rewrites this file, `docs/benchmarks.json` (every number above) and the plots in `docs/benchmarks/`; "
+            "`python -m loadtests.bench --render docs/benchmarks.json` redraws them from the saved numbers.",
         ],
     ]
     return "\n".join(line for section in sections for line in [*section, ""])

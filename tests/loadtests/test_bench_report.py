@@ -152,6 +152,9 @@ def test_report_and_plots_from_a_run(tmp_path: Path) -> None:
     for name in ("engines", "http", "breakdown"):
         assert (tmp_path / "benchmarks" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report.markdown(run) == text
+    again = tmp_path / "again"
+    assert bench.main(["--render", str(tmp_path / "benchmarks.json"), "--out", str(again)]) == 0
+    assert (again / "benchmarks.md").read_text() == text  # the same numbers give the same report
 
 
 def test_the_breakdown_adds_up_to_the_client_latency() -> None:
