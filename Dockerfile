@@ -44,6 +44,7 @@ ENV PATH=/opt/clipserve/bin:$PATH \
     CLIPSERVE_PORT=8000 \
     CLIPSERVE_MODEL_REPOSITORY=/models \
     CLIPSERVE_STATE_DIR=/var/lib/clipserve \
+    CLIPSERVE_PLAYGROUND=false \
     CLIPSERVE_ENGINE=onnxruntime
 USER 10001:10001
 WORKDIR /tmp
@@ -105,6 +106,7 @@ ENV PATH=/opt/clipserve/bin:$PATH \
     CLIPSERVE_PORT=8000 \
     CLIPSERVE_MODEL_REPOSITORY=/models \
     CLIPSERVE_STATE_DIR=/var/lib/clipserve \
+    CLIPSERVE_PLAYGROUND=false \
     CLIPSERVE_ENGINE=tensorrt
 USER 10001:10001
 WORKDIR /tmp

@@ -34,8 +34,9 @@ $(VENV)/.test-installed: pyproject.toml | $(BIN)/python
 	$(PIP) -e '.[cpu,export,dev]'
 	touch $@ $(VENV)/.serve-installed $(VENV)/.loadtest-installed
 
+# The playground page at / is on here (CLIPSERVE_PLAYGROUND=false turns it off); the images leave it off.
 serve: $(VENV)/.serve-installed
-	$(BIN)/clipserve serve --host $(HOST) --port $(PORT)
+	CLIPSERVE_PLAYGROUND=$${CLIPSERVE_PLAYGROUND:-true} $(BIN)/clipserve serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.test-installed
 	$(BIN)/python -m pytest

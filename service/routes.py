@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service import playground as playground_files
 from service import request_context, schemas
 from service.admission import Draining
 from service.classifiers.registry import Classifier
@@ -316,10 +317,27 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@probes.get("/", include_in_schema=False, response_class=HTMLResponse)
-async def playground(request: Request) -> HTMLResponse:
+# ------------------------------------------------------------------------------------------------ playground
+
+
+def _playground_file(request: Request, name: str) -> Response:
+    """One of the playground's files, with its security headers; 404 unless CLIPSERVE_PLAYGROUND is on."""
     if not request.app.state.settings.playground:
         raise NotFound("nothing here; the API is under /classify, /embed, /v1/*; docs at /docs")
-    from service.playground import PAGE
+    try:
+        content, media_type = playground_files.asset(name)
+    except playground_files.UnknownAsset:
+        raise NotFound(f"no playground file named {name!r}") from None
+    return Response(content, media_type=media_type, headers=playground_files.HEADERS)
 
-    return HTMLResponse(PAGE)
+
+@probes.get("/", include_in_schema=False, response_class=HTMLResponse)
+async def playground(request: Request) -> Response:
+    return _playground_file(request, playground_files.PAGE)
+
+
+@probes.get("/playground/{name}", include_in_schema=False)
+async def playground_asset(request: Request, name: str) -> Response:
+    if name == playground_files.PAGE:  # the page itself lives at /
+        raise NotFound(f"no playground file named {name!r}")
+    return _playground_file(request, name)

@@ -144,7 +144,7 @@ class Settings(SharedSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Accepted API keys (comma-separated); empty: no authentication."
     )
-    playground: bool = Field(False, description="Serve a small HTML page at / for trying the API.")
+    playground: bool = Field(False, description="Serve the playground page at / for trying the API in a browser.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Origins allowed to call the API from a browser (comma-separated, or *); empty: CORS off.",

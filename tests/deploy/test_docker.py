@@ -132,6 +132,7 @@ def test_cpu_image_classifies_a_red_circle(cpu_container: tuple[str, str]) -> No
     _, url = cpu_container
     assert _classify_red_circle(url)[0] == "red circle"
     assert httpx.get(f"{url}/v1/models").json()["data"][0]["id"] == "clipserve-demo"
+    assert httpx.get(f"{url}/").status_code == 404  # the playground is off in the production image
 
 
 def test_cpu_image_runs_as_a_non_root_user(docker: PrivateDocker, cpu_container: tuple[str, str]) -> None:
