@@ -23,19 +23,16 @@ import base64
 import io
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import httpx
 import numpy as np
 
-from loadtests.timing import free_port, outcome_kind, stop_server
+from loadtests.timing import SERVE_COMMAND, outcome_kind, server_process
 from models.demo import shapes
 from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
 from models.manifest import load_manifest
@@ -102,9 +99,6 @@ def engine_images_per_second(model_dir: Path, batch: int, seconds: float) -> flo
     return images / elapsed
 
 
-SERVE_COMMAND = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1"]  # + ["--port", N]
-
-
 def server_env(repository: Path, model: str, max_batch_size: int, **extra: str) -> dict[str, str]:
     """The environment a benchmarked server runs with: generous queue and timeout, so that load shows as latency."""
     return {
@@ -116,33 +110,6 @@ def server_env(repository: Path, model: str, max_batch_size: int, **extra: str) 
         "CLIPSERVE_MAX_QUEUE": "4096",
         **extra,
     }
-
-
-def start_server(repository: Path, model: str, port: int, max_batch_size: int, log: IO[bytes]) -> subprocess.Popen:
-    env = server_env(repository, model, max_batch_size)
-    command = [*SERVE_COMMAND, "--port", str(port)]
-    # The server's log goes to a file, never to a pipe nobody reads: it writes a line per request to stderr, and
-    # once a pipe's 64 KiB buffer is full (about 500 requests) the write blocks its event loop and the server
-    # stops answering (what made this script die at its first busy level with an httpx timeout).
-    return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def wait_ready(url: str, server: subprocess.Popen, timeout: float = 180, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited {server.returncode}: {log_tail(log) if log else ''}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError("server did not become ready")
 
 
 async def drive(url: str, body: dict, concurrency: int, seconds: float, *, timeout: float = 120) -> LoadResult:
@@ -181,13 +148,8 @@ def benchmark_model(repository: Path, model: str, args: argparse.Namespace) -> d
     engine = {batch: engine_images_per_second(model_dir, batch, args.engine_seconds) for batch in (1, args.max_batch)}
     for batch, rate in engine.items():
         print(f"   batch {batch:>3}: {rate:7.1f} images/s", flush=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_path = Path(tempfile.mkstemp(prefix=f"clipserve-benchmark-{model}-", suffix=".log")[1])
-    with log_path.open("wb") as log:
-        server = start_server(repository, model, port, args.max_batch, log)
-    try:
-        wait_ready(url, server, log=log_path)
+    with server_process(SERVE_COMMAND, server_env(repository, model, args.max_batch), f"benchmark-{model}") as server:
+        url = server.url
         body = {"images": [base64.b64encode(photo_jpeg()).decode()], "labels": LABELS, "templates": "simple"}
         httpx.post(f"{url}/classify", json=body, timeout=300).raise_for_status()  # label vectors now cached
         results = []
@@ -200,12 +162,7 @@ def benchmark_model(repository: Path, model: str, args: argparse.Namespace) -> d
                 f" p99 {p99:7.1f} ms, {result.requests} ok, {result.errors} errors ({result.error_kinds()})",
                 flush=True,
             )
-    finally:
-        stop_server(server, timeout=30)
-    if any(r.errors for r in results):  # kept for a look at what the server said
-        print(f"   last lines of the server log ({log_path}, kept):\n{log_tail(log_path)}", flush=True)
-    else:
-        log_path.unlink()
+        server.keep_log = any(r.errors for r in results)  # for a look at what the server said
     return {"model": model, "engine": engine, "results": results}
 
 

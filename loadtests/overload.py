@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx
 from PIL import Image, ImageDraw
 
-from loadtests.timing import free_port
+from loadtests.timing import SERVE_COMMAND, free_port, wait_ready
 
 LABELS = ["a red circle", "a blue triangle", "a green square", "a yellow hexagon", "a purple star"]
 RECOVERY_SLACK_MS = 20.0
@@ -70,21 +70,10 @@ def server_env(args: argparse.Namespace, state_dir: str) -> dict[str, str]:
 def start_server(port: int, settings: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     # The demo model and no Redis, whatever this shell exports.
     environment = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSERVE_")} | settings
-    command = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as sink:
-        return subprocess.Popen(command, env=environment, stdout=sink, stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, server: subprocess.Popen[bytes], timeout_s: float = 120) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return True
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    return False
+        return subprocess.Popen(
+            [*SERVE_COMMAND, "--port", str(port)], env=environment, stdout=sink, stderr=subprocess.STDOUT
+        )
 
 
 def rss_mb(pid: int) -> float:
@@ -350,7 +339,9 @@ def run(args: argparse.Namespace) -> Report | None:
     print(f"starting clipserve on {url} ({' '.join(f'{k}={v}' for k, v in settings.items())})", flush=True)
     server = start_server(port, settings, log)
     try:
-        if not wait_ready(url, server):
+        try:
+            wait_ready(url, server, timeout=120)
+        except (RuntimeError, TimeoutError):
             print(f"the server did not turn ready; its log ({log}):\n{log.read_text(errors='replace')[-3000:]}")
             return None
         with RssSampler(server.pid) as rss:

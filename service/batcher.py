@@ -248,8 +248,9 @@ class DynamicBatcher:
             try:
                 output = await loop.run_in_executor(self._executor, self._run, chunk)
             finally:
-                engine_s += time.perf_counter() - began
-                self._metrics.engine_seconds.labels(self.name).observe(time.perf_counter() - began)
+                elapsed = time.perf_counter() - began
+                engine_s += elapsed
+                self._metrics.engine_seconds.labels(self.name).observe(elapsed)
             # A short output would shift every later caller onto someone else's rows: refuse it outright.
             got = _row_count(output)
             if got != len(chunk):

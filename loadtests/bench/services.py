@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -25,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from loadtests.benchmark import SERVE_COMMAND, LoadResult, drive, log_tail, photo_jpeg, server_env, wait_ready
-from loadtests.timing import free_port, stop_server
+from loadtests.benchmark import LoadResult, drive, photo_jpeg, server_env
+from loadtests.timing import SERVE_COMMAND, server_process
 
 TEMPLATE = "a photo of a {}."
 LABEL_COUNTS = (10, 1000)
@@ -77,30 +75,6 @@ class Breakdown:
     client_ms: float
     stages_ms: dict[str, float] = field(default_factory=dict)  # stage -> median ms, in the server's order
 
-    @property
-    def outside_app_ms(self) -> float:
-        """What the server's own clock does not see: the network, uvicorn's HTTP parsing, the client."""
-        return self.client_ms - self.stages_ms.get("app", 0.0)
-
-
-@contextmanager
-def running(command: list[str], env: dict[str, str] | None, name: str) -> Iterator[str]:
-    """A server subprocess on a free port (its log in a temporary file, shown if it dies); yields its URL."""
-    port = free_port()
-    log_path = Path(tempfile.mkstemp(prefix=f"clipserve-bench-{name}-", suffix=".log")[1])
-    with log_path.open("wb") as log:
-        server = subprocess.Popen([*command, "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server, timeout=600, log=log_path)
-        yield url
-    except BaseException:
-        print(f"   {name} server log ({log_path}, kept):\n{log_tail(log_path)}", flush=True)
-        raise
-    finally:
-        stop_server(server, timeout=30)
-    log_path.unlink(missing_ok=True)
-
 
 @contextmanager
 def clipserve(repository: Path, model: str, **env: str) -> Iterator[str]:
@@ -108,17 +82,17 @@ def clipserve(repository: Path, model: str, **env: str) -> Iterator[str]:
     # A first request for 1,000 new labels encodes them all: about 100 s for ViT-B-32 on 2 cores, too close to
     # the benchmark's usual 120 s deadline.
     settings = {"CLIPSERVE_REQUEST_TIMEOUT_S": "900", **env}
-    with running(SERVE_COMMAND, server_env(repository, model, MAX_BATCH, **settings), model) as url:
-        yield url
+    with server_process(
+        SERVE_COMMAND, server_env(repository, model, MAX_BATCH, **settings), model, ready_timeout=600
+    ) as s:
+        yield s.url
 
 
 @contextmanager
-def transformers_app(threads: int | None = None) -> Iterator[str]:
+def transformers_app() -> Iterator[str]:
     command = [sys.executable, "-m", "loadtests.bench.transformers_app", "--host", "127.0.0.1"]
-    if threads:
-        command += ["--threads", str(threads)]
-    with running(command, None, "transformers") as url:
-        yield url
+    with server_process(command, None, "transformers", ready_timeout=600) as server:
+        yield server.url
 
 
 def warm(client: httpx.Client, body: dict[str, Any]) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests import benchmark
+from loadtests import benchmark, timing
 from loadtests.benchmark import LoadResult, drive, markdown
 from loadtests.timing import outcome_kind
 
@@ -112,10 +112,28 @@ def test_the_exit_status_says_whether_any_request_failed(tmp_path, monkeypatch, 
 def test_the_server_log_goes_to_a_file_not_a_pipe(tmp_path, monkeypatch):
     """A pipe nobody reads fills after about 500 access-log lines and then blocks the server's event loop."""
     seen: dict = {}
-    monkeypatch.setattr(subprocess, "Popen", lambda command, **kwargs: seen.update(kwargs))
-    with (tmp_path / "server.log").open("wb") as log:
-        benchmark.start_server(tmp_path, "m", 1234, 8, log)
-    assert seen["stdout"] is log and seen["stderr"] is subprocess.STDOUT
+
+    class Exited:  # a server that exits at once: server_process gives up waiting for /readyz
+        returncode = 1
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            seen.update(kwargs, log=Path(kwargs["stdout"].name))  # type: ignore[attr-defined]
+
+        def poll(self) -> int:
+            return 1
+
+        def send_signal(self, signal: int) -> None: ...
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 1
+
+    monkeypatch.setattr(subprocess, "Popen", Exited)
+    with pytest.raises(RuntimeError, match="server exited 1"), timing.server_process(timing.SERVE_COMMAND, {}, "test"):
+        pass
+    assert seen["stdout"] is not subprocess.PIPE and seen["stdout"].name.endswith(".log")
+    assert seen["stderr"] is subprocess.STDOUT
+    assert seen["log"].exists()  # kept, for a look at why it failed
+    seen["log"].unlink()
 
 
 def test_outcome_kind():
