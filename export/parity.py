@@ -21,7 +21,7 @@ import onnxruntime as ort
 import torch
 
 from models.manifest import ParityCheck
-from models.scoring import cosines
+from models.scoring import cosines, row_cosines
 from models.templates import ensemble
 
 BATCH_SIZES = (1, 7, 64)
@@ -90,11 +90,6 @@ def run_tower(tower: torch.nn.Module, inputs: np.ndarray, batch: int = 64) -> np
     return np.concatenate(chunks)
 
 
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
 @dataclass(frozen=True)
 class ZeroShotTask:
     """Labelled images and per-label prompt token ids: top-1 agreement between PyTorch and a variant."""
@@ -131,7 +126,7 @@ def check_graph(
             cosines.append(-1.0)
             diffs.append(float("inf"))
             continue
-        cosines.append(float(_row_cosines(out, reference[:batch]).min()))
+        cosines.append(float(row_cosines(out, reference[:batch]).min()))
         diffs.append(float(np.abs(out.astype(np.float64) - reference[:batch]).max()))
     min_cosine, max_abs_diff = min(cosines), max(diffs)
     passed = min_cosine >= gate.min_cosine

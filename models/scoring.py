@@ -40,6 +40,13 @@ def cosines(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return images @ labels.T
 
 
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of `a` with the same row of `b`, in float64, for vectors that need not be normalised:
+    how parity checks compare one runtime's embeddings with another's."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+
+
 def ranked(probabilities: np.ndarray, top_k: int | None) -> np.ndarray:
     """Per row, column indices by descending probability (ties keep request order), cut to top_k."""
     order = np.argsort(-probabilities, axis=1, kind="stable")

@@ -53,6 +53,7 @@ from loadtests.bench.machine import (
 from loadtests.timing import rate_per_second
 from models.demo.config import EXPORT_NAME, REPOSITORY_DIR
 from models.manifest import Manifest, load_manifest
+from models.scoring import row_cosines
 from service.engines.base import EngineError
 
 RUNTIMES = ("onnxruntime", "openvino", "torch")
@@ -180,12 +181,6 @@ def model_gflop_per_image(manifest: Manifest, model_dir: Path) -> float | None:
     return None
 
 
-def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    cosines = (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    return float(cosines.min())
-
-
 class _Run:
     def __init__(self, manifest: Manifest, batches: list[int], seconds: float, reps: int, log: Log) -> None:
         self.manifest = manifest
@@ -234,7 +229,7 @@ class _Run:
             if runtime == "onnxruntime" and precision == "fp32":
                 self.reference = embeddings
             elif self.reference is not None and built.comparable:
-                cosine = _min_cosine(embeddings, self.reference)
+                cosine = float(row_cosines(embeddings, self.reference).min())
             for batch in self.batches:
                 pixels = self.inputs[batch]
                 rate = rate_per_second(

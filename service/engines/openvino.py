@@ -29,7 +29,7 @@ from models.demo import evaluate, shapes
 from models.demo.config import EXPORT_NAME as DEMO_NAME
 from models.manifest import Manifest
 from models.preprocess import ImageTransform
-from models.scoring import cosines
+from models.scoring import cosines, row_cosines
 from models.templates import IMAGENET_80, PRESETS, apply_templates, ensemble
 from models.tokenizer import ClipTokenizer
 from service.engines.base import EngineError
@@ -207,11 +207,6 @@ def build_probes(manifest: Manifest, model_dir: Path) -> Probes:
 Encoder = Callable[[np.ndarray], np.ndarray]
 
 
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    return (a * b).sum(axis=1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-
-
 def _batched(encode: Encoder, inputs: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(
         [np.asarray(encode(inputs[i : i + batch]), dtype=np.float32) for i in range(0, len(inputs), batch)]
@@ -225,7 +220,7 @@ def compare(
 
     def least_cosine(candidate_encode: Encoder, reference_encode: Encoder, inputs: np.ndarray) -> float:
         return min(
-            float(_row_cosines(_batched(candidate_encode, inputs, b), _batched(reference_encode, inputs, b)).min())
+            float(row_cosines(_batched(candidate_encode, inputs, b), _batched(reference_encode, inputs, b)).min())
             for b in (1, len(inputs))
         )
 
